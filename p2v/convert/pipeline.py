@@ -1,0 +1,342 @@
+"""``p2v convert``: source -> converted disk(s) + VM spec + libvirt XML.
+
+Pipeline (the source is only ever read):
+
+1. open the source (image checks, OVA/OVF/VMX parsing, or a copy over SSH);
+2. for each disk, a qcow2 *edit overlay* backed by the source, and in parallel a
+   ``qemu-img convert`` copy of the source into the output disk;
+3. one libguestfs appliance over the overlays: inspect, convert (Linux or Windows);
+4. when the copies are done, each overlay is re-pointed at its output copy (same
+   bytes as the source) and committed into it — conversion edits land in the output
+   without a second full copy;
+5. VM spec and libvirt XML written; everything is staged in a hidden folder inside
+   ``--out`` and moved into place only on success. On any failure or Ctrl-C the
+   staging folder is removed and the output directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2v.convert.guest import GuestRoot, find_root, mount_guest
+from p2v.convert.linux import Step, convert_linux
+from p2v.convert.linux.facts import linux_facts
+from p2v.convert.linux.network import read_nic_config
+from p2v.convert.nics import plan_nics
+from p2v.disks import qemuimg
+from p2v.disks.guestfs import open_guestfs
+from p2v.errors import OutputError, UnsupportedGuest, UsageError
+from p2v.sources.model import SourceMachine
+from p2v.sources.resolve import SourceOptions, open_source
+from p2v.vm.spec import DiskSpec, GuestInfo, VmSpec
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ConvertOptions:
+    out_dir: Path
+    name: str | None = None
+    out_format: str = "qcow2"
+    net_map: dict[str, str] = field(default_factory=dict)
+    virtio_win: Path | None = None
+    luks_keys: list[str] = field(default_factory=list)
+    root: str | None = None
+    force: bool = False
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    cpus: int | None = None
+    memory_mib: int | None = None
+    rebuild: str = "auto"  # auto | guest | host (see p2v.convert.linux)
+
+
+def resolve_rebuild(mode: str) -> str:
+    """auto -> "guest" (the guest's own tools in the appliance) when KVM works, else "host"."""
+    if mode in ("guest", "host"):
+        return mode
+    if mode != "auto":
+        raise UsageError(f"--rebuild {mode}: use auto, guest or host")
+    from p2v.vm.accel import probe
+
+    return "guest" if probe().kvm_usable else "host"
+
+
+@dataclass
+class ConversionReport:
+    name: str
+    source: str
+    source_kind: str
+    guest: dict[str, Any]
+    steps: list[Step]
+    warnings: list[str]
+    files: dict[str, Any]
+    timings: dict[str, float]
+    bytes: dict[str, int]
+    spec: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Staging:
+    """A hidden folder in the output directory; moved into place on success, else removed."""
+
+    def __init__(self, out_dir: Path, name: str, finals: list[str], force: bool) -> None:
+        self.out_dir = out_dir
+        self.created_out = False
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"{out_dir}: exists and is not a directory")
+        clash = [f for f in finals if (out_dir / f).exists()]
+        if clash and not force:
+            raise OutputError(
+                f"{out_dir}: {', '.join(clash)} already exist(s); choose another --name/--out or pass --force"
+            )
+        if not out_dir.exists():
+            try:
+                out_dir.mkdir(parents=True)
+            except OSError as exc:
+                raise OutputError(f"{out_dir}: cannot create output directory: {exc.strerror}") from exc
+            self.created_out = True
+        self.dir = out_dir / f".p2v-staging-{name}-{secrets.token_hex(4)}"
+        try:
+            self.dir.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: cannot write: {exc.strerror}") from exc
+
+    def commit(self, files: list[str]) -> None:
+        for f in files:
+            (self.dir / f).replace(self.out_dir / f)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created_out:
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
+
+
+def _name_for(src: SourceMachine, opts: ConvertOptions) -> str:
+    import re
+
+    name = opts.name or src.name or "converted"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name).strip("-.") or "converted"
+    return name[:63]
+
+
+def convert(
+    source: str,
+    opts: ConvertOptions,
+    *,
+    progress: ProgressFn | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ConversionReport:
+    step = on_step or (lambda s: None)
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    if opts.out_format not in ("qcow2", "raw"):
+        raise UsageError(f"--format {opts.out_format}: use qcow2 or raw")
+    if opts.virtio_win is not None and not opts.virtio_win.exists():
+        from p2v.errors import SourceNotFound
+
+        raise SourceNotFound(f"{opts.virtio_win}: virtio-win ISO or directory not found")
+    # SSH sources are copied into a work folder before we know the VM name: use a
+    # provisional staging area beside the output.
+    opts.out_dir = opts.out_dir.resolve()
+    pre = _Staging(opts.out_dir, "source", [], True)
+    staging: _Staging | None = None
+    jobs: list[qemuimg.ConvertJob] = []
+    try:
+        step(f"opening source {source}")
+        t = time.monotonic()
+        ssh_prog = (lambda done, total: progress("copy over SSH", done, total)) if progress else None
+        src = open_source(source, SourceOptions(pre.dir, opts.identity, opts.known_hosts, ssh_prog))
+        timings["open_source"] = time.monotonic() - t
+        try:
+            name = _name_for(src, opts)
+            ext = "qcow2" if opts.out_format == "qcow2" else "raw"
+            disk_files = [f"{name}-disk{i}.{ext}" for i in range(len(src.disks))]
+            finals = [*disk_files, f"{name}.vm.json", f"{name}.xml"]
+            staging = _Staging(opts.out_dir, name, finals, opts.force)
+            report = _convert_opened(src, source, name, disk_files, staging.dir, opts, progress, step, timings)
+            step("finalizing output")
+            staging.commit(finals)
+        finally:
+            src.close()
+        pre.abort()
+        timings["total"] = time.monotonic() - t_start
+        report.timings = timings
+        report.files = {k: str(opts.out_dir / v) if isinstance(v, str) else [str(opts.out_dir / x) for x in v]
+                        for k, v in report.files.items()}  # fmt: skip
+        return report
+    except BaseException:
+        for j in jobs:
+            j.cancel()
+        if staging is not None:
+            staging.abort()
+        pre.abort()
+        raise
+
+
+def _convert_opened(
+    src: SourceMachine,
+    source: str,
+    name: str,
+    disk_files: list[str],
+    work: Path,
+    opts: ConvertOptions,
+    progress: ProgressFn | None,
+    step: Callable[[str], None],
+    timings: dict[str, float],
+) -> ConversionReport:
+    overlays = []
+    sizes = []
+    for i, disk in enumerate(src.disks):
+        ov = work / f"edit-{i}.qcow2"
+        qemuimg.create_overlay(ov, disk.qemu_filename, disk.format)
+        overlays.append(ov)
+        info = qemuimg.info(disk.qemu_filename, disk.format, what=disk.display)
+        sizes.append(int(info.get("virtual-size", 0)))
+
+    # copies run while the appliance works on the overlays
+    jobs: list[qemuimg.ConvertJob] = []
+    t_copy = time.monotonic()
+    for i, disk in enumerate(src.disks):
+        label = f"copy disk{i}"
+        cb = (lambda f, label=label, size=sizes[i]: progress(label, int(f * size), size)) if progress else None
+        jobs.append(qemuimg.ConvertJob(disk.qemu_filename, disk.format, work / disk_files[i],
+                                       opts.out_format, what=disk.display, progress=cb))  # fmt: skip
+    try:
+        steps, warnings, groot, guest_extra = _convert_in_appliance(src, name, overlays, opts, step, timings)
+        step("waiting for the disk copy")
+        for j in jobs:
+            j.wait()
+        timings["copy"] = time.monotonic() - t_copy
+    except BaseException:
+        for j in jobs:
+            j.cancel()
+        raise
+
+    t = time.monotonic()
+    step("merging conversion changes into the output disk")
+    for i, ov in enumerate(overlays):
+        qemuimg.rebase_unsafe(ov, str(work / disk_files[i]), opts.out_format)
+        qemuimg.commit(ov)
+        ov.unlink()
+    timings["merge"] = time.monotonic() - t
+
+    nics = guest_extra["nics"]
+    firmware = guest_extra["firmware"]
+    spec = VmSpec(
+        name=name,
+        cpus=opts.cpus or src.cpus or 2,
+        memory_mib=opts.memory_mib or src.memory_mib or 2048,
+        firmware=firmware,
+        machine="q35",
+        rtc=guest_extra.get("rtc", "utc"),
+        disks=[DiskSpec(path=f, format=opts.out_format, bus="virtio", source=d.display, virtual_size=s)
+               for f, d, s in zip(disk_files, src.disks, sizes, strict=True)],  # fmt: skip
+        nics=nics,
+        guest=GuestInfo(type=groot.type, distro=groot.distro, version=groot.version, product=groot.product,
+                        arch=groot.arch),  # fmt: skip
+        source=source,
+        notes=warnings,
+    )
+    spec.save(work / f"{name}.vm.json")
+    from p2v.vm.libvirt import domain_xml
+
+    (work / f"{name}.xml").write_text(domain_xml(spec, work))
+    allocated = sum((work / f).stat().st_blocks * 512 for f in disk_files)
+    return ConversionReport(
+        name=name,
+        source=source,
+        source_kind=src.kind,
+        guest={
+            "type": groot.type, "distro": groot.distro, "version": groot.version, "product": groot.product,
+            "arch": groot.arch, "hostname": groot.hostname, "root": groot.root, "firmware": firmware,
+        },  # fmt: skip
+        steps=steps,
+        warnings=warnings,
+        files={"disks": disk_files, "spec": f"{name}.vm.json", "libvirt_xml": f"{name}.xml"},
+        timings=timings,
+        bytes={"virtual": sum(sizes), "allocated": allocated},
+        spec=spec.model_dump(mode="json"),
+    )
+
+
+def _convert_in_appliance(
+    src: SourceMachine,
+    name: str,
+    overlays: list[Path],
+    opts: ConvertOptions,
+    step: Callable[[str], None],
+    timings: dict[str, float],
+) -> tuple[list[Step], list[str], GuestRoot, dict[str, Any]]:
+    t = time.monotonic()
+    step("starting the libguestfs appliance")
+    with open_guestfs([(ov, "qcow2") for ov in overlays], readonly=False) as g:
+        timings["appliance_launch"] = time.monotonic() - t
+        t = time.monotonic()
+        step("inspecting the guest")
+        groot = find_root(g, what=src.description or name, luks_keys=opts.luks_keys, root=opts.root)
+        mount_guest(g, groot, readonly=False)
+        timings["inspect"] = time.monotonic() - t
+        t = time.monotonic()
+        warnings = list(src.notes) + groot.notes
+        extra: dict[str, Any] = {}
+        if groot.type == "linux":
+            cfg_nics = read_nic_config(g)
+            nics, w = plan_nics(name, src.nics, cfg_nics, opts.net_map)
+            warnings += w
+            pins = [(n.guest_name, n.mac) for n in nics if n.guest_name]
+            conv = convert_linux(g, groot.package_format, groot.disks, pins, rebuild=resolve_rebuild(opts.rebuild),
+                                 on_step=step)  # fmt: skip
+            warnings += conv.warnings
+            steps = conv.steps
+            fw = conv.facts.firmware if conv.facts else (src.firmware or "bios")
+            if src.firmware and conv.facts and src.firmware != fw:
+                warnings.append(f"source says firmware {src.firmware}, guest boots with {fw}: using {fw}")
+            extra = {"nics": nics, "firmware": fw, "rtc": "utc"}
+        elif groot.type == "windows":
+            if opts.virtio_win is None:
+                raise UsageError(
+                    f"{src.description or name}: Windows guest ({groot.product}): pass --virtio-win PATH "
+                    "(a virtio-win ISO or directory) to inject drivers"
+                )
+            from p2v.convert.windows import convert_windows
+
+            step("injecting virtio-win drivers")
+            wres = convert_windows(g, groot.root, asdict(groot), opts.virtio_win)
+            nics, w = plan_nics(name, src.nics, [], opts.net_map)
+            warnings += w + list(getattr(wres, "warnings", []))
+            steps = [Step("windows-virtio", True, _windows_detail(wres))]
+            extra = {"nics": nics, "firmware": src.firmware or "bios", "rtc": getattr(wres, "rtc", "localtime")}
+        else:
+            raise UnsupportedGuest(f"{src.description or name}: {groot.type} guests are not supported")
+        timings["convert"] = time.monotonic() - t
+        step("flushing the guest disks")
+        t = time.monotonic()
+    timings["appliance_shutdown"] = time.monotonic() - t
+    return steps, warnings, groot, extra
+
+
+def _windows_detail(res: Any) -> str:
+    parts = []
+    for attr in ("driver_folder", "services_added", "staged_dir"):
+        v = getattr(res, attr, None)
+        if v:
+            parts.append(f"{attr.replace('_', ' ')}: {v if isinstance(v, str) else ', '.join(map(str, v))}")
+    return "; ".join(parts) or "drivers injected"
+
+
+def inspect_linux_extra(g: Any, groot: GuestRoot) -> dict[str, Any]:
+    return asdict(linux_facts(g, groot.package_format))
