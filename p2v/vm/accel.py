@@ -61,6 +61,7 @@ def probe_kernel() -> str | None:
 
 
 def _cache_key(qemu: str, kernel: str) -> str:
+    qemu = os.path.realpath(qemu)
     st = os.stat(qemu)
     kvm = os.path.exists("/dev/kvm")
     return f"{qemu}:{st.st_mtime_ns}:{kernel}:{kvm}"

@@ -118,4 +118,4 @@ def mac_from_seed(seed: str) -> str:
     import hashlib
 
     h = hashlib.sha256(seed.encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
