@@ -243,7 +243,8 @@ def _convert_opened(
         firmware=firmware,
         machine="q35",
         rtc=guest_extra.get("rtc", "utc"),
-        disks=[DiskSpec(path=f, format=opts.out_format, bus="virtio", source=d.display, virtual_size=s)
+        disks=[DiskSpec(path=f, format="raw" if opts.out_format == "raw" else "qcow2", bus="virtio",
+                        source=d.display, virtual_size=s)
                for f, d, s in zip(disk_files, src.disks, sizes, strict=True)],  # fmt: skip
         nics=nics,
         guest=GuestInfo(type=groot.type, distro=groot.distro, version=groot.version, product=groot.product,

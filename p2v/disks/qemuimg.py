@@ -134,7 +134,7 @@ class ConvertJob:
         assert self.proc.stdout is not None
         buf = b""
         while True:
-            chunk = self.proc.stdout.read1(256)
+            chunk = self.proc.stdout.read1(256)  # type: ignore[attr-defined]
             if not chunk:
                 break
             buf = (buf + chunk)[-256:]

@@ -82,9 +82,8 @@ def _needs_pinning(tool: str, modules_setting: str | None, g: Any) -> bool:
     if tool == "initramfs-tools":
         return (modules_setting or "most") == "dep"
     if tool == "dracut":
-        conf = _text(g, "/etc/dracut.conf") + "".join(
-            _text(g, f"/etc/dracut.conf.d/{f}") for f in (g.ls("/etc/dracut.conf.d") if g.is_dir("/etc/dracut.conf.d") else [])
-        )
+        confd = g.ls("/etc/dracut.conf.d") if g.is_dir("/etc/dracut.conf.d") else []
+        conf = _text(g, "/etc/dracut.conf") + "".join(_text(g, f"/etc/dracut.conf.d/{f}") for f in confd)
         return bool(re.search(r'^\s*hostonly\s*=\s*"?yes', conf, re.M)) or g.is_file("/etc/redhat-release")
     return False
 

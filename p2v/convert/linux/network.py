@@ -58,7 +58,8 @@ def _merge(nics: dict[str, NicConfig], nic: NicConfig) -> None:
 
 
 def _ifupdown(g: Any, out: dict[str, NicConfig]) -> None:
-    files = ["/etc/network/interfaces"] + [f"/etc/network/interfaces.d/{f}" for f in _ls(g, "/etc/network/interfaces.d")]
+    extra = [f"/etc/network/interfaces.d/{f}" for f in _ls(g, "/etc/network/interfaces.d")]
+    files = ["/etc/network/interfaces", *extra]
     for path in files:
         text = _text(g, path) or ""
         current: NicConfig | None = None

@@ -1,0 +1,3 @@
+from p2v.cli.main import main
+
+main()
