@@ -49,7 +49,7 @@ def open_source(source: str, opts: SourceOptions) -> SourceMachine:
     if suffix == ".ovf":
         from p2v.sources.ovf import open_ovf
 
-        return open_ovf(path)
+        return open_ovf(path, workdir=opts.workdir)
     if suffix == ".vmx":
         from p2v.sources.vmx import open_vmx
 
