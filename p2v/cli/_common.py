@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -39,9 +40,9 @@ def emit_json(obj: Any) -> None:
 
 
 def report_error(exc: P2VError, json_mode: bool) -> None:
-    err_console.print(f"[bold red]p2v: error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]p2v: error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
     if exc.hint:
-        err_console.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"  hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
     if json_mode:
         emit_json(exc.to_dict())
 

@@ -24,7 +24,7 @@ class SourceOptions:
 
 
 def open_source(source: str, opts: SourceOptions) -> SourceMachine:
-    if source.startswith("ssh://"):
+    if source[:6].lower() == "ssh://":
         from p2v.sources.ssh import open_ssh_source
 
         return open_ssh_source(
