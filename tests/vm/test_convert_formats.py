@@ -55,5 +55,5 @@ def test_foreign_export_converts_and_boots(tmp_path: Path, export: str) -> None:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
         wait_ssh(vm.ssh_port)
-        rc, out, _ = ssh_run(vm.ssh_port, "hostname; cat /sys/class/net/eth0/address")
+        _, out, _ = ssh_run(vm.ssh_port, "hostname; cat /sys/class/net/eth0/address")
         assert out.split() == [facts["hostname"], facts["mac"]]
