@@ -40,11 +40,14 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
 def boot_to_login(spec: VmSpec, spec_dir: Path, timeout: float = 900) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
-        with VirtualMachine(spec, spec_dir, overrides=RunOverrides(snapshot=True, memory_mib=1024, cache="unsafe")) as vm:
+        ov = RunOverrides(snapshot=True, memory_mib=1024, cache="unsafe")
+        with VirtualMachine(spec, spec_dir, overrides=ov) as vm:
             vm.wait_for_console(r"login: ?", timeout=timeout)
             return {"booted": True, "seconds_to_login": round(time.monotonic() - t0, 1)}
     except Exception as exc:  # a failed boot is a result here, not a crash
-        return {"booted": False, "error": str(exc).splitlines()[0][:300], "seconds": round(time.monotonic() - t0, 1)}
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        return {"booted": False, "error": lines[0][:300] if lines else repr(exc),
+                "console_tail": lines[-12:], "seconds": round(time.monotonic() - t0, 1)}
 
 
 def main() -> int:

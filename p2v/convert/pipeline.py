@@ -209,7 +209,6 @@ def _convert_opened(
 
     # copies run while the appliance works on the overlays
     jobs: list[qemuimg.ConvertJob] = []
-    t_copy = time.monotonic()
     for i, disk in enumerate(src.disks):
         label = f"copy disk{i}"
         cb = (lambda f, label=label, size=sizes[i]: progress(label, int(f * size), size)) if progress else None
@@ -218,9 +217,11 @@ def _convert_opened(
     try:
         steps, warnings, groot, guest_extra = _convert_in_appliance(src, name, overlays, opts, step, timings)
         step("waiting for the disk copy")
+        t_wait = time.monotonic()
         for j in jobs:
             j.wait()
-        timings["copy"] = time.monotonic() - t_copy
+        timings["copy"] = max(j.seconds for j in jobs) if jobs else 0.0
+        timings["copy_wait"] = time.monotonic() - t_wait
     except BaseException:
         for j in jobs:
             j.cancel()

@@ -115,6 +115,7 @@ class ConvertJob:
                 args.append("-c")
         args += [src, str(dst)]
         self.t0 = time.monotonic()
+        self.finished_at: float | None = None
         self.seconds = 0.0
         try:
             self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -141,12 +142,13 @@ class ConvertJob:
             matches = _PROGRESS_RE.findall(buf)
             if matches and self._progress:
                 self._progress(float(matches[-1]) / 100.0)
+        self.finished_at = time.monotonic()
 
     def wait(self) -> float:
         rc = self.proc.wait()
         self._t_out.join()
         self._t_err.join()
-        self.seconds = time.monotonic() - self.t0
+        self.seconds = (self.finished_at or time.monotonic()) - self.t0
         if rc != 0:
             self.dst.unlink(missing_ok=True)
             msg = _last_line(self._err.decode(errors="replace"))
