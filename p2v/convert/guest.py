@@ -30,6 +30,18 @@ class GuestRoot:
         return f"{self.major}.{self.minor}"
 
 
+def _luks_devices(g: Any) -> list[str]:
+    """Partitions and whole disks holding a LUKS container (list_filesystems leaves them out)."""
+    found = []
+    for dev in [*g.list_partitions(), *g.list_devices()]:
+        try:
+            if g.vfs_type(dev) == "crypto_LUKS":
+                found.append(dev)
+        except RuntimeError:
+            continue
+    return found
+
+
 def _unlock_luks(g: Any, luks: list[str], keys: list[str], what: str) -> list[str]:
     opened = []
     for i, dev in enumerate(luks):
@@ -50,7 +62,7 @@ def find_root(g: Any, *, what: str, luks_keys: list[str] | None = None, root: st
     """Inspect the launched handle ``g``; unlock LUKS with ``luks_keys``; pick the OS root."""
     try:
         fs: dict[str, str] = g.list_filesystems()
-        luks = [d for d, t in fs.items() if t == "crypto_LUKS"]
+        luks = _luks_devices(g)
         unlocked: list[str] = []
         if luks and luks_keys:
             unlocked = _unlock_luks(g, luks, luks_keys, what)

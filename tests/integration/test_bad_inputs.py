@@ -198,3 +198,26 @@ def test_ssh_host_key_changed(tmp_path: Path, sshd: LoopbackSshd) -> None:
     sshd.rotate_host_key()
     assert_refused(sshd.url(disk), tmp_path, 6, f"127.0.0.1:{sshd.port}", "changed",
                    extra=("--known-hosts", str(known), "--identity", str(sshd.client_key)))  # fmt: skip
+
+
+def test_windows_version_without_drivers(tmp_path: Path) -> None:
+    import images
+
+    iso = images.ensure("virtio-win-iso")
+    line = assert_refused(images.ensure("windows-2008"), tmp_path, 5, "Windows", "2008",
+                          extra=("--virtio-win", str(iso)), fresh=False)  # fmt: skip
+    assert str(iso) in line or iso.name in line
+
+
+def test_windows_without_virtio_win_is_a_usage_error(tmp_path: Path) -> None:
+    import images
+
+    assert_refused(images.ensure("windows-2019"), tmp_path, 2, "Windows", "--virtio-win", fresh=False)
+
+
+def test_luks_with_the_right_key_gets_past_decryption(tmp_path: Path, luks_disk: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("correct horse\n")
+    line = assert_refused(luks_disk, tmp_path, 5, "encrypted.raw", "no operating system",
+                          extra=("--luks-key", str(key)), fresh=False)  # fmt: skip
+    assert "--luks-key" not in line

@@ -57,6 +57,6 @@ def test_inspect_and_convert(tmp_path: Path, export: str) -> None:
         return
     # the converted disk reads back converted
     after = p2v_json("inspect", str(out / "c1-disk0.qcow2"))
-    kern = [k for k in after["linux"]["kernels"] if k["boots"]][0]
+    kern = next(k for k in after["linux"]["kernels"] if k["boots"])
     assert set(kern["virtio_in_initrd"]) >= {"virtio_blk", "virtio_pci", "virtio_net", "virtio_scsi"}
     assert not after["linux"]["devrefs"], after["linux"]["devrefs"]

@@ -44,5 +44,5 @@ def test_physical_server_over_ssh_converts_and_boots(tmp_path: Path) -> None:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
         wait_ssh(vm.ssh_port)
-        rc, text, _ = ssh_run(vm.ssh_port, f"hostname; cat /sys/class/net/eth0/address; cat {facts['marker'][0]}")
+        _, text, _ = ssh_run(vm.ssh_port, f"hostname; cat /sys/class/net/eth0/address; cat {facts['marker'][0]}")
         assert text.splitlines() == [facts["hostname"], facts["mac"], facts["marker"][1]]
