@@ -170,18 +170,4 @@ def inspect_image(path: Path, fmt: str | None = None) -> ImageInfo:
 
 
 def _check_integrity(path: Path, fmt: str, vsize: int) -> None:
-    result = qemuimg.check(str(path), fmt, what=str(path))
-    rc = result.get("_rc")
-    if rc == 63:
-        return
-    if rc == 1:
-        raise InvalidInput(
-            f"{path}: {FORMAT_NAMES.get(fmt, fmt)} image is corrupt or truncated ({result.get('_error')})"
-        )
-    corrupt = int(result.get("corruptions", 0) or 0)
-    errors = int(result.get("check-errors", 0) or 0)
-    if corrupt or errors or rc == 2:
-        raise InvalidInput(
-            f"{path}: {FORMAT_NAMES.get(fmt, fmt)} image is corrupt or truncated "
-            f"(qemu-img check: {corrupt} corruptions, {errors} check errors)"
-        )
+    qemuimg.verify_integrity(str(path), fmt, what=str(path), label=FORMAT_NAMES.get(fmt, fmt))

@@ -52,12 +52,18 @@ def info(filename: str, fmt: str, *, what: str, backing_chain: bool = False) -> 
 
 
 def check(filename: str, fmt: str, *, what: str) -> dict[str, Any]:
-    """``qemu-img check``; returns its JSON (exit 2/3 mean corruption/leaks, reported in JSON)."""
-    proc = subprocess.run(
-        [QEMU_IMG, "check", "--output=json", "-f", fmt, filename],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    if proc.returncode in (0, 2, 3) and proc.stdout.strip():
+    """``qemu-img check``; returns its JSON plus ``_rc`` (0 clean, 2 corrupt, 3 leaks only,
+    63 no check for this format) and ``_error`` (qemu's first ERROR line) when it failed."""
+    try:
+        proc = subprocess.run(
+            [QEMU_IMG, "check", "--output=json", "-f", fmt, filename],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+    except FileNotFoundError as exc:
+        raise MissingComponent("qemu-img not found", hint="apt-get install qemu-utils") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"{what}: qemu-img check did not finish in 600 s") from exc
+    if proc.returncode in (0, 2, 3) and proc.stdout.strip().startswith("{"):
         data: dict[str, Any] = json.loads(proc.stdout)
         data["_rc"] = proc.returncode
         return data
@@ -65,6 +71,28 @@ def check(filename: str, fmt: str, *, what: str) -> dict[str, Any]:
         return {"_rc": 63}
     errors = [ln.split("ERROR:", 1)[1].strip() for ln in proc.stderr.splitlines() if "ERROR:" in ln]
     return {"_rc": proc.returncode, "_error": errors[0] if errors else _last_line(proc.stderr)}
+
+
+def verify_integrity(filename: str, fmt: str, *, what: str, label: str | None = None) -> int:
+    """Raise :class:`InvalidInput` naming ``what`` when the image is truncated or corrupt.
+
+    Leaked clusters (rc 3) are harmless for reading. Returns the number of check errors (0).
+    """
+    result = check(filename, fmt, what=what)
+    rc = result.get("_rc")
+    if rc == 63:
+        return 0
+    name = label or fmt
+    if rc not in (0, 2, 3):
+        raise InvalidInput(f"{what}: {name} image is corrupt or truncated ({result.get('_error')})")
+    corrupt = int(result.get("corruptions", 0) or 0)
+    errors = int(result.get("check-errors", 0) or 0)
+    if corrupt or errors or rc == 2:
+        raise InvalidInput(
+            f"{what}: {name} image is corrupt or truncated (qemu-img check: {corrupt} corruptions, "
+            f"{errors} check errors)"
+        )
+    return 0
 
 
 def create_overlay(overlay: Path, backing: str, backing_fmt: str) -> None:

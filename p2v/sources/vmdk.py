@@ -12,10 +12,8 @@ converted disk); sparse extents must hold every grain their tables point at.
 
 from __future__ import annotations
 
-import json
 import re
 import struct
-import subprocess
 import sys
 from array import array
 from collections.abc import Iterator
@@ -24,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from p2v.errors import InvalidInput, MissingComponent, SourceNotFound, UnsafeInput
+from p2v.disks import qemuimg
+from p2v.errors import InvalidInput, SourceNotFound, UnsafeInput
 from p2v.sources.model import SourceDisk
 
 SECTOR = 512
@@ -33,7 +32,6 @@ SPARSE_MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
 MAX_DESCRIPTOR_BYTES = 1 << 20
 MAX_CHAIN_DEPTH = 64
-QEMU_IMG_TIMEOUT_S = 900.0
 
 # hosted sparse header, little endian (VMware "Virtual Disk Format 1.1", SparseExtentHeader)
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
@@ -473,29 +471,6 @@ def _validate_extent(owner: Path, folder: Path, extent: VmdkExtent) -> bool:
 # --- qemu-img -----------------------------------------------------------------------------------
 
 
-def _qemu_img(args: list[str], *, display: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            ["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, check=False
-        )
-    except FileNotFoundError as exc:
-        raise MissingComponent(
-            f"qemu-img is not installed; it is needed to check {display}", hint="install qemu-utils"
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise InvalidInput(
-            f"{display}: qemu-img {args[0]} did not finish in {QEMU_IMG_TIMEOUT_S:.0f} s"
-        ) from exc
-
-
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line.removeprefix("qemu-img: ")
-    return "no message"
-
-
 def check_image(qemu_filename: str, fmt: str, *, display: str, allow_backing: bool) -> ImageFacts:
     """Open an image with qemu-img (explicit format) and run its consistency check.
 
@@ -503,15 +478,7 @@ def check_image(qemu_filename: str, fmt: str, *, display: str, allow_backing: bo
     finds it truncated/corrupt, and UnsafeInput when it refers to another file
     (backing file, external data file) and ``allow_backing`` is False.
     """
-    info = _qemu_img(["info", "-f", fmt, "--output=json", qemu_filename], display=display)
-    if info.returncode != 0:
-        reason = _first_line(info.stderr)
-        state = "truncated" if "truncat" in reason.lower() else "unreadable"
-        raise InvalidInput(f"{display}: {state} {fmt} image: {reason}")
-    try:
-        data = json.loads(info.stdout)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{display}: qemu-img info printed no JSON: {exc}") from exc
+    data = qemuimg.info(qemu_filename, fmt, what=display)
     backing = data.get("full-backing-filename") or data.get("backing-filename")
     specific = (data.get("format-specific") or {}).get("data") or {}
     if not allow_backing and backing:
@@ -520,15 +487,5 @@ def check_image(qemu_filename: str, fmt: str, *, display: str, allow_backing: bo
         raise UnsafeInput(
             f"{display}: image stores its data in another file {specific['data-file']!r}; refusing"
         )
-    check = _qemu_img(["check", "-f", fmt, "--output=json", qemu_filename], display=display)
-    errors = 0
-    # 0 clean, 3 leaked clusters only (harmless for reading), 63 format has no check
-    if check.returncode not in (0, 3, 63):
-        detail = _first_line(check.stderr or check.stdout)
-        raise InvalidInput(f"{display}: {fmt} image is truncated or corrupt (qemu-img check: {detail})")
-    if check.returncode == 0 and check.stdout.strip().startswith("{"):
-        try:
-            errors = int(json.loads(check.stdout).get("check-errors", 0))
-        except (json.JSONDecodeError, ValueError, TypeError):
-            errors = 0
+    errors = qemuimg.verify_integrity(qemu_filename, fmt, what=display)
     return ImageFacts(virtual_size=int(data.get("virtual-size", 0)), backing=backing, check_errors=errors)
