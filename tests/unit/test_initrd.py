@@ -40,3 +40,19 @@ def test_microcode_then_compressed_main_archive():
 def test_garbage_is_an_error_not_an_empty_listing():
     with pytest.raises(ValueError):
         list_initrd(b"this is not an initramfs")
+
+
+def test_round_trip_keeps_prefix_and_every_entry():
+    from p2v.convert.linux.initrd import CpioEntry, read_initrd, write_initrd
+
+    early = _newc({"kernel/x86/microcode/AuthenticAMD.bin": b"amd"})
+    main = _newc({"init": b"#!/bin/sh\n", "conf/modules": b"ahci\n"})
+    for kind, comp in (("gzip", gzip.compress), ("xz", lambda b: lzma.compress(b, format=lzma.FORMAT_XZ))):
+        img = read_initrd(early + comp(main))
+        assert img.prefix == early and img.compression == kind
+        assert {e.name: e.data for e in img.entries} == {"init": b"#!/bin/sh\n", "conf/modules": b"ahci\n"}
+        img.entries.append(CpioEntry("lib/virtio_blk.ko", 0o100644, b"ko"))
+        again = read_initrd(write_initrd(img))
+        assert again.prefix == early and again.compression == kind
+        assert [e.name for e in again.entries] == ["init", "conf/modules", "lib/virtio_blk.ko"]
+        assert list_initrd(write_initrd(img)) >= {"kernel/x86/microcode/AuthenticAMD.bin", "lib/virtio_blk.ko"}

@@ -1,9 +1,9 @@
-"""List the files inside a Linux initramfs on the host (no guest code runs).
+"""Read and write Linux initramfs images on the host (no guest code runs).
 
 An initramfs is one or more cpio "newc" archives, concatenated: often an
 uncompressed early-microcode archive first, then the main archive compressed
-with gzip, zstd, xz, lz4, bzip2 or lzma. We walk the uncompressed archives
-ourselves and hand the compressed remainder to the host's decompressor.
+with gzip, zstd, xz, lz4, bzip2 or lzma. We walk the cpio archives ourselves
+and use Python's codecs or the host's (de)compressor for the compressed part.
 """
 
 from __future__ import annotations
@@ -26,86 +26,6 @@ COMPRESSORS: list[tuple[bytes, str]] = [
     (b"BZh", "bzip2"),
     (b"\x5d\x00\x00", "lzma"),
 ]
-
-
-def _parse_cpio(data: bytes, pos: int, names: set[str]) -> int:
-    """Parse one newc archive at ``pos``; return the offset after its trailer."""
-    n = len(data)
-    while pos + 110 <= n:
-        hdr = data[pos : pos + 110]
-        if hdr[:6] not in CPIO_MAGICS:
-            raise ValueError(f"bad cpio header at {pos}")
-        filesize = int(hdr[54:62], 16)
-        namesize = int(hdr[94:102], 16)
-        name = data[pos + 110 : pos + 110 + namesize - 1].decode("utf-8", "replace")
-        pos = (pos + 110 + namesize + 3) & ~3
-        pos = (pos + filesize + 3) & ~3
-        if name == "TRAILER!!!":
-            return pos
-        names.add(name[2:] if name.startswith("./") else name)
-    raise ValueError("cpio archive ends without trailer")
-
-
-def _decompress(kind: str, blob: bytes) -> bytes:
-    if kind == "gzip":
-        return gzip.decompress(blob)
-    if kind == "xz":
-        return lzma.decompress(blob, format=lzma.FORMAT_XZ)
-    if kind == "lzma":
-        return lzma.decompress(blob, format=lzma.FORMAT_ALONE)
-    if kind == "bzip2":
-        return bz2.decompress(blob)
-    tool = shutil.which(kind)
-    if tool is None:
-        raise ConversionError(f"cannot read a {kind}-compressed initramfs: install {kind} on this host")
-    proc = subprocess.run([tool, "-dc"], input=blob, capture_output=True, check=False, timeout=120)
-    if proc.returncode != 0 and not proc.stdout:
-        raise ConversionError(f"{kind} failed on initramfs: {proc.stderr.decode(errors='replace')[-200:]}")
-    return proc.stdout
-
-
-def list_initrd(data: bytes) -> set[str]:
-    """All file names in an initramfs image (paths without a leading './')."""
-    names: set[str] = set()
-    pos = 0
-    n = len(data)
-    while pos < n:
-        # archives are padded with zeroes between them
-        while pos < n and data[pos] == 0:
-            pos += 1
-        if pos >= n:
-            break
-        if data[pos : pos + 6] in CPIO_MAGICS:
-            pos = _parse_cpio(data, pos, names)
-            continue
-        for magic, kind in COMPRESSORS:
-            if data.startswith(magic, pos):
-                inner = _decompress(kind, data[pos:])
-                ipos = 0
-                while ipos < len(inner):
-                    while ipos < len(inner) and inner[ipos] == 0:
-                        ipos += 1
-                    if ipos >= len(inner):
-                        break
-                    ipos = _parse_cpio(inner, ipos, names)
-                return names
-        raise ValueError(f"unknown data at offset {pos} of initramfs")
-    return names
-
-
-def modules_in(names: set[str]) -> set[str]:
-    """Kernel module names (``virtio_blk``) present as .ko files in an initramfs listing."""
-    mods = set()
-    for name in names:
-        base = name.rsplit("/", 1)[-1]
-        for ext in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-            if base.endswith(ext):
-                mods.add(base[: -len(ext)].replace("-", "_"))
-    return mods
-
-
-# -- full archive model (for host-side augmentation) ---------------------------------
-
 _FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
            "rdevmajor", "rdevminor", "namesize", "check")  # fmt: skip
 
@@ -133,16 +53,13 @@ class InitrdImage:
     entries: list[CpioEntry]
 
 
-def _read_entries(data: bytes) -> list[CpioEntry]:
+def _read_archive(data: bytes, pos: int) -> tuple[list[CpioEntry], int]:
+    """Parse one newc archive starting at ``pos``: (entries, offset after its trailer)."""
     out: list[CpioEntry] = []
-    pos = 0
     n = len(data)
     while pos + 110 <= n:
         hdr = data[pos : pos + 110]
         if hdr[:6] not in CPIO_MAGICS:
-            if hdr[:1] == b"\0":
-                pos += 4
-                continue
             raise ValueError(f"bad cpio header at {pos}")
         v = {f: int(hdr[6 + 8 * i : 14 + 8 * i], 16) for i, f in enumerate(_FIELDS)}
         name = data[pos + 110 : pos + 110 + v["namesize"] - 1].decode("utf-8", "surrogateescape")
@@ -150,34 +67,88 @@ def _read_entries(data: bytes) -> list[CpioEntry]:
         body = data[pos : pos + v["filesize"]]
         pos = (pos + v["filesize"] + 3) & ~3
         if name == "TRAILER!!!":
-            break
+            return out, pos
         out.append(CpioEntry(name, v["mode"], body, v["ino"], v["uid"], v["gid"], v["nlink"], v["mtime"],
                              v["devmajor"], v["devminor"], v["rdevmajor"], v["rdevminor"]))  # fmt: skip
-    return out
+    raise ValueError("cpio archive ends without trailer")
+
+
+def _skip_padding(data: bytes, pos: int) -> int:
+    n = len(data)
+    while pos < n and data[pos] == 0:
+        pos += 1
+    return pos
+
+
+def _read_all(data: bytes) -> list[CpioEntry]:
+    entries: list[CpioEntry] = []
+    pos = _skip_padding(data, 0)
+    while pos < len(data):
+        got, pos = _read_archive(data, pos)
+        entries += got
+        pos = _skip_padding(data, pos)
+    return entries
+
+
+def _decompress(kind: str, blob: bytes) -> bytes:
+    if kind == "gzip":
+        return gzip.decompress(blob)
+    if kind == "xz":
+        return lzma.decompress(blob, format=lzma.FORMAT_XZ)
+    if kind == "lzma":
+        return lzma.decompress(blob, format=lzma.FORMAT_ALONE)
+    if kind == "bzip2":
+        return bz2.decompress(blob)
+    tool = shutil.which(kind)
+    if tool is None:
+        raise ConversionError(f"cannot read a {kind}-compressed initramfs: install {kind} on this host")
+    proc = subprocess.run([tool, "-dc"], input=blob, capture_output=True, check=False, timeout=120)
+    if proc.returncode != 0 and not proc.stdout:
+        raise ConversionError(f"{kind} failed on initramfs: {proc.stderr.decode(errors='replace')[-200:]}")
+    return proc.stdout
 
 
 def read_initrd(data: bytes) -> InitrdImage:
-    """Split an initramfs into its plain prefix and the entries of its main archive."""
-    pos = 0
+    """Split an initramfs into its plain prefix and the entries of its main archive.
+
+    The main archive is the compressed tail, or the last plain archive when nothing is
+    compressed. Raises ValueError on data that is not an initramfs.
+    """
+    pos = _skip_padding(data, 0)
     n = len(data)
-    last_plain_start = None
     while pos < n:
-        while pos < n and data[pos] == 0:
-            pos += 1
-        if pos >= n:
-            break
         if data[pos : pos + 6] in CPIO_MAGICS:
-            last_plain_start = pos
-            end = _parse_cpio(data, pos, set())
-            if end >= n or not any(data[end:]):  # the plain archive is the whole main archive
-                return InitrdImage(data[:pos], None, _read_entries(data[pos:end]))
-            pos = end
+            entries, end = _read_archive(data, pos)
+            rest = _skip_padding(data, end)
+            if rest >= n:  # the last archive, plain: it is the main one
+                return InitrdImage(data[:pos], None, entries)
+            pos = rest
             continue
         for magic, kind in COMPRESSORS:
             if data.startswith(magic, pos):
-                return InitrdImage(data[:pos], kind, _read_entries(_decompress(kind, data[pos:])))
+                return InitrdImage(data[:pos], kind, _read_all(_decompress(kind, data[pos:])))
         raise ValueError(f"unknown data at offset {pos} of initramfs")
-    raise ValueError(f"no main archive in initramfs (last archive at {last_plain_start})")
+    raise ValueError("no archive in initramfs")
+
+
+def list_initrd(data: bytes) -> set[str]:
+    """All file names in an initramfs image, early archives included (no leading './')."""
+    img = read_initrd(data)
+    names = {e.name for e in img.entries}
+    if img.prefix:
+        names |= {e.name for e in _read_all(img.prefix)}
+    return {n[2:] if n.startswith("./") else n for n in names}
+
+
+def modules_in(names: set[str]) -> set[str]:
+    """Kernel module names (``virtio_blk``) present as .ko files in an initramfs listing."""
+    mods = set()
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        for ext in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+            if base.endswith(ext):
+                mods.add(base[: -len(ext)].replace("-", "_"))
+    return mods
 
 
 def write_cpio(entries: list[CpioEntry]) -> bytes:
