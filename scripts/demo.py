@@ -69,8 +69,9 @@ def main() -> int:
         wait_ssh(port, timeout=300)
         boot_s = time.monotonic() - t
         banner("5. Log in over SSH (the server's own host key and root key)")
-        rc, out, err = ssh_run(port, "hostname; ip -br link show eth0; ip -br -4 addr show eth0; "
-                                     "findmnt -no SOURCE /; lsmod | grep -E '^virtio_(blk|net)' | cut -d' ' -f1")  # fmt: skip
+        cmd = ("hostname; ip -br link show eth0; ip -br -4 addr show eth0; findmnt -no SOURCE /; "
+               "lsmod | grep -E '^virtio_(blk|net)' | cut -d' ' -f1")
+        rc, out, err = ssh_run(port, cmd)
         print(out.rstrip())
         if rc != 0 or out.splitlines()[0] != facts["hostname"]:
             sys.exit(f"demo: unexpected answer from the converted server: {out!r} {err!r}")
