@@ -27,7 +27,6 @@ from typing import Any
 
 from p2v.convert.guest import GuestRoot, find_root, mount_guest
 from p2v.convert.linux import Step, convert_linux
-from p2v.convert.linux.facts import linux_facts
 from p2v.convert.linux.network import read_nic_config
 from p2v.convert.nics import plan_nics
 from p2v.disks import qemuimg
@@ -154,7 +153,6 @@ def convert(
     opts.out_dir = opts.out_dir.resolve()
     pre = _Staging(opts.out_dir, "source", [], True)
     staging: _Staging | None = None
-    jobs: list[qemuimg.ConvertJob] = []
     try:
         step(f"opening source {source}")
         t = time.monotonic()
@@ -179,8 +177,6 @@ def convert(
                         for k, v in report.files.items()}  # fmt: skip
         return report
     except BaseException:
-        for j in jobs:
-            j.cancel()
         if staging is not None:
             staging.abort()
         pre.abort()
@@ -319,9 +315,9 @@ def _convert_in_appliance(
             step("injecting virtio-win drivers")
             wres = convert_windows(g, groot.root, asdict(groot), opts.virtio_win)
             nics, w = plan_nics(name, src.nics, [], opts.net_map)
-            warnings += w + list(getattr(wres, "warnings", []))
+            warnings += w + list(wres.warnings)
             steps = [Step("windows-virtio", True, _windows_detail(wres))]
-            extra = {"nics": nics, "firmware": src.firmware or "bios", "rtc": getattr(wres, "rtc", "localtime")}
+            extra = {"nics": nics, "firmware": src.firmware or "bios", "rtc": wres.rtc_mode}
         else:
             raise UnsupportedGuest(f"{src.description or name}: {groot.type} guests are not supported")
         timings["convert"] = time.monotonic() - t
@@ -332,13 +328,9 @@ def _convert_in_appliance(
 
 
 def _windows_detail(res: Any) -> str:
-    parts = []
-    for attr in ("driver_folder", "services_added", "staged_dir"):
-        v = getattr(res, attr, None)
-        if v:
-            parts.append(f"{attr.replace('_', ' ')}: {v if isinstance(v, str) else ', '.join(map(str, v))}")
-    return "; ".join(parts) or "drivers injected"
-
-
-def inspect_linux_extra(g: Any, groot: GuestRoot) -> dict[str, Any]:
-    return asdict(linux_facts(g, groot.package_format))
+    vmware = "; VMware Tools removal queued" if res.vmware_tools_uninstall else ""
+    return (
+        f"{res.catalog_entry}: virtio-win folder {res.driver_folder}; boot drivers {', '.join(res.boot_drivers)}; "
+        f"{len(res.files_copied)} files; driver set staged in {res.staged_dir} for pnputil at first boot "
+        f"(at most {res.first_boot_retries} tries){vmware}"
+    )
