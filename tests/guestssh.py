@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -31,7 +32,8 @@ def ssh_run(port: int, command: str, *, timeout: float = 60) -> tuple[int, str, 
             client.close()
 
 
-def wait_ssh(port: int, timeout: float = 240) -> None:
+def wait_ssh(port: int, timeout: float = 240, console: Callable[[], str] | None = None) -> None:
+    """Wait until root can log in; on timeout the error carries the console's last lines."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -41,4 +43,5 @@ def wait_ssh(port: int, timeout: float = 240) -> None:
         except (OSError, paramiko.SSHException) as exc:
             last = exc
             time.sleep(3)
-    raise AssertionError(f"SSH on 127.0.0.1:{port} did not answer within {timeout:.0f}s: {last}")
+    tail = ("\nconsole:\n" + console()[-3000:]) if console else ""
+    raise AssertionError(f"SSH on 127.0.0.1:{port} did not answer within {timeout:.0f}s: {last}{tail}")

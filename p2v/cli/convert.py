@@ -55,6 +55,11 @@ def register(app: typer.Typer) -> None:
             "(original files kept byte for byte) and edits grub.cfg in place; 'auto' = guest when KVM "
             "works, host under TCG (where the guest's tools take minutes).",
         ),  # fmt: skip
+        fsck: bool = typer.Option(
+            None, "--fsck/--no-fsck",
+            help="Check and repair the copy's filesystems before converting (default: only for ssh:// "
+            "sources, which are copied while running).",
+        ),  # fmt: skip
         force: bool = typer.Option(False, "--force", help="Overwrite existing output files of the same name."),
         json_output: bool = JSON_OPTION,
     ) -> None:
@@ -62,7 +67,7 @@ def register(app: typer.Typer) -> None:
         opts = ConvertOptions(
             out_dir=out, name=name, out_format=fmt, net_map=parse_net_map(net), virtio_win=virtio_win,
             luks_keys=keys, root=root, force=force, identity=identity, known_hosts=known_hosts,
-            cpus=cpus, memory_mib=memory, rebuild=rebuild,
+            cpus=cpus, memory_mib=memory, rebuild=rebuild, fsck=fsck,
         )  # fmt: skip
         with progress_bar(enabled=not json_output) as prog:
             report = convert(source, opts, progress=prog, on_step=None if json_output else status_line)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2v.convert.fsck import repair_filesystems
 from p2v.convert.guest import GuestRoot, find_root, mount_guest
 from p2v.convert.linux import Step, convert_linux
 from p2v.convert.linux.network import read_nic_config
@@ -55,6 +56,7 @@ class ConvertOptions:
     cpus: int | None = None
     memory_mib: int | None = None
     rebuild: str = "auto"  # auto | guest | host (see p2v.convert.linux)
+    fsck: bool | None = None  # None: check filesystems of live (SSH) copies only
 
 
 def resolve_rebuild(mode: str) -> str:
@@ -283,6 +285,14 @@ def _convert_in_appliance(
     step("starting the libguestfs appliance")
     with open_guestfs([(ov, "qcow2") for ov in overlays], readonly=False) as g:
         timings["appliance_launch"] = time.monotonic() - t
+        fsck_step = None
+        if opts.fsck is True or (opts.fsck is None and src.live):
+            step("checking the filesystems of the live copy")
+            checked, secs = repair_filesystems(g, what=src.description or name)
+            timings["fsck"] = secs
+            fixed = [f"{r.device} ({r.fstype}) {r.action}: {r.detail}".rstrip(": ") for r in checked]
+            fsck_step = Step("filesystem-check", any(r.action == "repaired" for r in checked),
+                             "; ".join(fixed) or "no filesystems", secs)  # fmt: skip
         t = time.monotonic()
         step("inspecting the guest")
         groot = find_root(g, what=src.description or name, luks_keys=opts.luks_keys, root=opts.root)
@@ -320,6 +330,10 @@ def _convert_in_appliance(
             extra = {"nics": nics, "firmware": src.firmware or "bios", "rtc": wres.rtc_mode}
         else:
             raise UnsupportedGuest(f"{src.description or name}: {groot.type} guests are not supported")
+        if fsck_step is not None:
+            steps.insert(0, fsck_step)
+            warnings.append("the source was copied while running (fuzzy): its filesystems were checked; "
+                            "data being written during the copy may be missing")  # fmt: skip
         timings["convert"] = time.monotonic() - t
         step("flushing the guest disks")
         t = time.monotonic()

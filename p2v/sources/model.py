@@ -53,6 +53,8 @@ class SourceMachine:
     # temp files this source created (extracted OVA members, copied SSH disk); removed by close()
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     origin: Path | None = None
+    # read from a running system: the copy is fuzzy, its filesystems must be checked
+    live: bool = False
 
     def close(self) -> None:
         while self.cleanup:

@@ -295,6 +295,8 @@ def open_ssh_source(
     with target.session(identity=identity, known_hosts=known_hosts) as session:
         facts = probe_host(session, target.device)
         _check_device(target, facts)
+        # the server is running: flush what its page cache holds so the copy is as recent as possible
+        session.run(["sync"], timeout=300, check=False)
         stats = copy_device(session, target.device, dest, progress=progress, use_python=facts.python3 is not None)
     disk = SourceDisk(
         qemu_filename=str(dest), format="raw", display=target.url, bus=facts.device_bus,
@@ -306,4 +308,5 @@ def open_ssh_source(
         f"{stats.bytes_sent} on the wire, {stats.bytes_zero_skipped} zero bytes skipped)"
     )
     machine.cleanup.append(lambda: dest.unlink(missing_ok=True))
+    machine.live = True
     return machine

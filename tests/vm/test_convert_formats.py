@@ -26,7 +26,8 @@ def test_uefi_lvm_guest_converts_and_boots_under_ovmf(tmp_path: Path) -> None:
     with boot(tmp_path, "uefi1") as vm:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
-        wait_ssh(vm.ssh_port)  # static IP on ens192 works: the name is pinned to the VM's MAC
+        # static IP on ens192 works: the name is pinned to the VM's MAC
+        wait_ssh(vm.ssh_port, console=vm.console_text)
         rc, out, err = ssh_run(
             vm.ssh_port,
             "hostname; findmnt -no SOURCE /; cat /sys/class/net/ens192/address; ip -4 -o addr show dev ens192",
@@ -54,6 +55,6 @@ def test_foreign_export_converts_and_boots(tmp_path: Path, export: str) -> None:
     with boot(tmp_path, "x1") as vm:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
-        wait_ssh(vm.ssh_port)
+        wait_ssh(vm.ssh_port, console=vm.console_text)
         _, out, _ = ssh_run(vm.ssh_port, "hostname; cat /sys/class/net/eth0/address")
         assert out.split() == [facts["hostname"], facts["mac"]]

@@ -86,7 +86,7 @@ def test_converted_guest_boots_on_virtio_and_answers_ssh(g1_converted: tuple[Pat
     with boot(out, "srv1") as vm:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
-        wait_ssh(vm.ssh_port)
+        wait_ssh(vm.ssh_port, console=vm.console_text)
         check_network_identity(vm.ssh_port, "virtio_net")
         _, dev, _ = ssh_run(vm.ssh_port, "findmnt -no SOURCE /; swapon --show=NAME --noheadings")
         assert dev.split() == ["/dev/vda1", "/dev/vda2"]
@@ -97,7 +97,7 @@ def test_converted_disk_still_boots_on_ide_and_e1000(g1_converted: tuple[Path, d
     with boot(out, "srv1", disk_bus="ide", nic_model="e1000", machine="pc") as vm:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
-        wait_ssh(vm.ssh_port)
+        wait_ssh(vm.ssh_port, console=vm.console_text)
         check_network_identity(vm.ssh_port, "e1000")
         _, dev, _ = ssh_run(vm.ssh_port, "findmnt -no SOURCE /")
         assert dev.strip() == "/dev/sda1"

@@ -36,6 +36,8 @@ def test_physical_server_over_ssh_converts_and_boots(tmp_path: Path) -> None:
                        "--json")  # fmt: skip
     rep = json.loads(conv.stdout)
     assert rep["source_kind"] == "ssh"
+    # copied while running: the copy's filesystems are checked before conversion
+    assert rep["steps"][0]["name"] == "filesystem-check" and "/dev/sda1 (ext4)" in rep["steps"][0]["detail"]
     assert rep["guest"]["hostname"] == facts["hostname"]
     spec = VmSpec.load(out / "p2v1.vm.json")
     # facts collected over SSH: the NIC with its MAC and name, the CPU count
@@ -43,6 +45,8 @@ def test_physical_server_over_ssh_converts_and_boots(tmp_path: Path) -> None:
     with boot(out, "p2v1") as vm:
         vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
         assert vm.ssh_port is not None
-        wait_ssh(vm.ssh_port)
+        wait_ssh(vm.ssh_port, console=vm.console_text)
         _, text, _ = ssh_run(vm.ssh_port, f"hostname; cat /sys/class/net/eth0/address; cat {facts['marker'][0]}")
         assert text.splitlines() == [facts["hostname"], facts["mac"], facts["marker"][1]]
+        _, errors, _ = ssh_run(vm.ssh_port, "dmesg | grep -c 'EXT4-fs error' || true")
+        assert errors.strip() == "0", "the converted copy must have a consistent filesystem"
