@@ -93,7 +93,8 @@ def convert_linux(
     rewrites, warns, devmap = rewrite_device_names(g, disks)
     res.warnings += warns
     files = sorted({r.file for r in rewrites})
-    detail = ", ".join(f"{r.file}: {r.old} -> {r.new}" for r in rewrites) or "no hardware-bound device names"
+    pairs = dict.fromkeys(f"{r.old} -> {r.new}" for r in rewrites)
+    detail = (f"{', '.join(pairs)} in {', '.join(files)}" if rewrites else "no hardware-bound device names")
     res.steps.append(Step("device-names", bool(rewrites) or grub_changed, detail, time.monotonic() - t))
 
     t = time.monotonic()
