@@ -114,3 +114,17 @@ def test_already_converted_guest_converts_without_changes(
     assert changed == [], f"a converted guest needs no changes, got {changed}"
     # nothing rebuilt: much cheaper than the first conversion
     assert wall < first["_wall"], (wall, first["_wall"])
+
+
+def test_rebuild_with_the_guests_own_tools_boots_on_virtio(tmp_path: Path) -> None:
+    """--rebuild guest: update-initramfs and grub-mkconfig run in the appliance (the default when
+    KVM works; minutes under TCG, which is why `auto` uses the host-side path there)."""
+    rep = convert_json(images.ensure(G1), tmp_path, "srv-guesttool", "--rebuild", "guest")
+    steps = {s["name"]: s for s in rep["steps"]}
+    assert steps["initramfs"]["detail"].startswith("initramfs-tools rebuilt /boot/initrd.img-")
+    assert steps["bootloader"]["detail"].startswith("regenerated /boot/grub/grub.cfg")
+    with boot(tmp_path, "srv-guesttool") as vm:
+        vm.wait_for_console(LOGIN, timeout=BOOT_TIMEOUT)
+        assert vm.ssh_port is not None
+        wait_ssh(vm.ssh_port, console=vm.console_text)
+        check_network_identity(vm.ssh_port, "virtio_net")
