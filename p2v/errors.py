@@ -113,6 +113,34 @@ class OutputError(P2VError):
     exit_code = 11
 
 
+class SiteError(P2VError):
+    """The DR site or its catalog cannot be used (unknown machine, newer schema, damaged catalog)."""
+
+    exit_code = 12
+
+
+class UnknownMachine(SiteError):
+    """No protected machine has this name at the site."""
+
+
+class Busy(P2VError):
+    """Another p2v process holds this machine's lock (a sync, retention or removal is running)."""
+
+    exit_code = 13
+
+
+class VerifyFailed(P2VError):
+    """A recovery point does not match its recorded hashes or its source."""
+
+    exit_code = 14
+
+
+class SourceChanged(P2VError):
+    """The source no longer matches what the site recorded for it (size or identity changed)."""
+
+    exit_code = 15
+
+
 class Interrupted(P2VError):
     """Interrupted by the user; partial output was removed."""
 
@@ -132,5 +160,9 @@ EXIT_CODES: dict[int, str] = {
     9: "conversion step failed inside the guest",
     10: "QEMU runtime failure (VM start/stop/console)",
     11: "output location cannot be written (exists, not empty, no space)",
+    12: "DR site problem: unknown machine, damaged catalog, catalog from a newer p2v",
+    13: "busy: another p2v process holds the machine's lock (a sync is running)",
+    14: "verification failed: a recovery point does not match its hashes or its source",
+    15: "source changed: its size or identity differs from what the site recorded",
     130: "interrupted (Ctrl-C); partial output removed",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from p2v import __version__
-from p2v.cli import convert, doctor, inspect_cmd, trust, vm
+from p2v.cli import convert, doctor, inspect_cmd, protect, trust, vm
 from p2v.cli._common import setup_logging
 
 app = typer.Typer(
@@ -16,7 +16,8 @@ app = typer.Typer(
         "Exit codes: 0 ok, 2 usage, 3 source not found, 4 invalid/unsafe input, "
         "5 unsupported guest, 6 SSH host key not trusted, 7 remote failure, "
         "8 missing host component, 9 conversion failed, 10 QEMU runtime failure, "
-        "11 output not writable, 130 interrupted."
+        "11 output not writable, 12 DR site problem, 13 machine busy, 14 verification failed, "
+        "15 source changed, 130 interrupted."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -39,7 +40,7 @@ def _root(
     setup_logging(verbose)
 
 
-for _module in (doctor, inspect_cmd, convert, trust, vm):
+for _module in (doctor, inspect_cmd, convert, trust, vm, protect):
     _module.register(app)
 
 

@@ -32,7 +32,8 @@ def test_every_command_and_option_has_help() -> None:
                 assert (getattr(p, "help", "") or "").strip(), f"p2v {' '.join(path)} {p.opts} has no help"
             if p.param_type_name == "argument":
                 assert (getattr(p, "help", "") or "").strip(), f"p2v {' '.join(path)} argument {p.name} has no help"
-    for expected in ("doctor", "inspect", "convert", "trust", "vm start", "vm stop", "vm console", "vm list"):
+    for expected in ("doctor", "inspect", "convert", "trust", "vm start", "vm stop", "vm console", "vm list",
+                     "protect add", "protect remove", "sync", "points", "status", "verify", "retention"):
         assert expected in seen
 
 
