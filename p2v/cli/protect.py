@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from p2v.cli._common import JSON_OPTION, emit_json, err_console, handle_errors, 
 from p2v.errors import UsageError
 from p2v.protection import service
 from p2v.protection.sources import Hooks, SshOptions
+from p2v.site.units import format_duration
 
 SITE_OPTION = typer.Option(
     None, "--site", envvar="P2V_SITE", help="DR site directory (default ./p2v-site; env P2V_SITE)."
@@ -39,16 +39,7 @@ def _human(n: float) -> str:
 
 
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _print_point(verb: str, name: str, point: dict[str, Any]) -> None:
@@ -57,6 +48,7 @@ def _print_point(verb: str, name: str, point: dict[str, Any]) -> None:
         f"read {_human(point['bytes_read'])}, sent {_human(point['bytes_sent'])}, "
         f"wrote {_human(point['bytes_written'])} in {point['wall_s']:.1f}s",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -166,10 +158,10 @@ def register(app: typer.Typer) -> None:
             return
         table = Table("point", "time (UTC)", "age", "consistency", "mode", "read", "sent", "written", "wall")
         for p in points["points"]:
-            table.add_row(str(p["seq"]), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p["created_at"])),
+            table.add_row(str(p["seq"]), str(p["created_at"]).replace("T", " ")[:19],
                           _age(p["age_s"]), p["consistency"], p["mode"], _human(p["bytes_read"]),
                           _human(p["bytes_sent"]), _human(p["bytes_written"]), f"{p['wall_s']:.1f}s")  # fmt: skip
-        out_console.print(table)
+        out_console.print(table, soft_wrap=True)
 
     @app.command("status", help="Every protected machine: newest point age vs its RPO target, last sync "
                  "result, chain depth, bytes at the site. Exit 0 even when machines are late.")  # fmt: skip
@@ -184,8 +176,8 @@ def register(app: typer.Typer) -> None:
             last = m["last_result"] or "-"
             if m.get("last_error"):
                 last += f": {m['last_error'][:60]}"
-            table.add_row(m["name"], m["state"], _age(m["newest_age_s"]), _age(m["rpo_s"]), last,
-                          str(m["points"]), str(m["chain_depth"]), _human(m["bytes"]))  # fmt: skip
+            table.add_row(m["name"], m["state"], _age(m["newest_age_s"]), _age(m["rpo_seconds"]), last,
+                          str(m["point_count"]), str(m["chain_depth"]), _human(m["bytes_on_disk"]))  # fmt: skip
         out_console.print(table)
 
     @app.command("verify", help="Recompute the hashes of a recovery point (default: the newest; --all: every "
