@@ -88,7 +88,7 @@ def test_kill_9_at_random_moments_never_damages_earlier_points(tmp_path: Path) -
         scribble(disk, rnd, 300)
         proc = subprocess.Popen([sys.executable, "-m", "p2v", "sync", "m1", "--site", str(site), "--json"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(rnd.uniform(0.0, full * 1.1))
+        time.sleep(rnd.uniform(0.0, full * 0.8))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed += 1
