@@ -91,7 +91,55 @@ def _v2(db: sqlite3.Connection) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
+def _v3(db: sqlite3.Connection) -> None:
+    """Orchestration: runs (drill/failover/fallback), their journaled steps and events, point pins."""
+    for sql in (
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            plan_name TEXT NOT NULL,
+            plan_path TEXT,
+            plan TEXT NOT NULL,
+            options TEXT NOT NULL DEFAULT '{}',
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            pid INTEGER,
+            error TEXT,
+            summary TEXT NOT NULL DEFAULT '{}')""",
+        """CREATE TABLE run_steps (
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            ord INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            machine TEXT,
+            grp TEXT,
+            state TEXT NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            detail TEXT NOT NULL DEFAULT '{}',
+            error TEXT,
+            PRIMARY KEY (run_id, key))""",
+        """CREATE TABLE run_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            at REAL NOT NULL,
+            step TEXT,
+            event TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}')""",
+        "CREATE INDEX run_events_run ON run_events(run_id, id)",
+        """CREATE TABLE point_pins (
+            point_id INTEGER NOT NULL REFERENCES points(id) ON DELETE CASCADE,
+            holder TEXT NOT NULL,
+            pinned_at REAL NOT NULL,
+            pid INTEGER,
+            PRIMARY KEY (point_id, holder))""",
+    ):
+        db.execute(sql)
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
 """Migration i (1-based) takes the schema from version i-1 to i. Append only; never edit one."""
 LATEST = len(MIGRATIONS)
 
