@@ -141,6 +141,18 @@ class SourceChanged(P2VError):
     exit_code = 15
 
 
+class RunFailed(P2VError):
+    """A drill, failover or fallback run ended failed or aborted (see `p2v run show`)."""
+
+    exit_code = 16
+
+
+class SplitBrain(P2VError):
+    """Production was written to after failover: it no longer matches the recovery point DR started from."""
+
+    exit_code = 17
+
+
 class Interrupted(P2VError):
     """Interrupted by the user; partial output was removed."""
 
@@ -164,5 +176,7 @@ EXIT_CODES: dict[int, str] = {
     13: "busy: another p2v process holds the machine's lock (a sync is running)",
     14: "verification failed: a recovery point does not match its hashes or its source",
     15: "source changed: its size or identity differs from what the site recorded",
+    16: "run failed: a drill, failover or fallback step failed or the run was aborted",
+    17: "split-brain: production changed after failover (use --discard-production-changes to overwrite it)",
     130: "interrupted (Ctrl-C); partial output removed",
 }

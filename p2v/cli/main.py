@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from p2v import __version__
-from p2v.cli import convert, doctor, inspect_cmd, protect, trust, vm
+from p2v.cli import convert, doctor, inspect_cmd, plan, protect, trust, vm
 from p2v.cli._common import setup_logging
 
 app = typer.Typer(
@@ -17,7 +17,7 @@ app = typer.Typer(
         "5 unsupported guest, 6 SSH host key not trusted, 7 remote failure, "
         "8 missing host component, 9 conversion failed, 10 QEMU runtime failure, "
         "11 output not writable, 12 DR site problem, 13 machine busy, 14 verification failed, "
-        "15 source changed, 130 interrupted."
+        "15 source changed, 16 run failed, 17 split-brain, 130 interrupted."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -40,7 +40,7 @@ def _root(
     setup_logging(verbose)
 
 
-for _module in (doctor, inspect_cmd, convert, trust, vm, protect):
+for _module in (doctor, inspect_cmd, convert, trust, vm, protect, plan):
     _module.register(app)
 
 

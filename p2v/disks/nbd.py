@@ -52,6 +52,7 @@ STOP_TIMEOUT_S = 15.0
 MAX_REQUEST = 32 << 20  # qemu-nbd's largest read/write request
 MAX_ZERO_REQUEST = 1 << 30  # NBD counts are 32-bit; stay well below
 DEFAULT_IN_FLIGHT = 32  # queued writes (measured: more does not help on 2 cores)
+WRITER_CONNECTIONS = 8  # writes in flight at once, one synchronous connection each (measured below)
 MAX_PENDING_BYTES = 8 << 20  # and at most this much data held for them
 SCAN_CHUNK = 4 << 20
 DIR_PREFIX = "p2v-nbd-"
@@ -133,7 +134,7 @@ class NbdExport:
         cache: str = "writeback",
         aio: str = "threads",
         discard: str = "unmap",
-        shared: int = 16,
+        shared: int = 32,
         what: str | None = None,
         error: type[P2VError] = InvalidInput,
     ) -> None:
@@ -240,13 +241,17 @@ class NbdExport:
 class NbdDisk:
     """One libnbd connection to an :class:`NbdExport`; implements ``model.LayerTarget``.
 
-    Writes and zeroing are queued to a writer thread with its own connection (at most
-    ``in_flight`` requests and 8 MiB waiting); a failure is raised by the next call or by
-    :meth:`flush`. :meth:`pread` waits only for queued writes that overlap what it reads, so
-    reads always see earlier writes. Call the methods from one thread at a time.
+    Writes and zeroing are queued to up to :data:`WRITER_CONNECTIONS` writer threads, each
+    with its own connection (at most ``in_flight`` requests and 8 MiB waiting); a failure is
+    raised by the next call or by :meth:`flush`. A write never starts while an earlier one
+    that overlaps it is pending, so writes to one range land in call order. :meth:`pread`
+    waits only for queued writes that overlap what it reads, so reads always see earlier
+    writes. Call the methods from one thread at a time.
 
-    (Not libnbd's ``aio_pwrite``: in libnbd 1.14 its Python binding keeps a reference to
-    every buffer it is given, so memory grows with the bytes written.)
+    Several synchronous connections rather than libnbd's ``aio_pwrite``: in libnbd 1.14 its
+    Python binding keeps a reference to every buffer it is given, so memory grows with the
+    bytes written. Measured here, 20,000 random 4 KiB writes into a 4 KiB-subcluster qcow2
+    overlay take 1.59 s on one connection, 0.96 s on 4 and 0.74 s on 8.
     """
 
     def __init__(self, export: NbdExport, *, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
@@ -261,8 +266,8 @@ class NbdDisk:
         self._ticket = 0
         self._failed: OutputError | None = None
         self._queue: queue.SimpleQueue[tuple[int, int, int, bytes | None] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._wh: Any = None  # the writer thread's connection
+        self._writers: list[threading.Thread] = []
+        self._whs: list[Any] = []  # the writer threads' connections
         self._h: Any = self._connect()
         self.size: int = self._h.get_size()
         self._has_extents = bool(self._h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
@@ -425,16 +430,16 @@ class NbdDisk:
         if self._failed is not None:
             raise self._failed
 
-    def _write_queued(self) -> None:
-        """The writer thread: synchronous writes on its own connection (GIL released)."""
+    def _write_queued(self, wh: Any) -> None:
+        """A writer thread: synchronous writes on its own connection (GIL released)."""
         while (item := self._queue.get()) is not None:
             ticket, start, end, data = item
             if self._failed is None:
                 try:
                     if data is None:
-                        self._wh.zero(end - start, start)
+                        wh.zero(end - start, start)
                     else:
-                        self._wh.pwrite(data, start)
+                        wh.pwrite(data, start)
                 except nbd.Error as exc:
                     err = self._io_error("write", start, exc)
                     self._failed = err if isinstance(err, OutputError) else OutputError(err.message)
@@ -443,15 +448,25 @@ class NbdDisk:
                 self._pending_bytes -= end - start if data is not None else 0
                 self._cv.notify_all()
 
+    def _start_writers(self) -> None:
+        for i in range(min(self.in_flight, WRITER_CONNECTIONS)):
+            wh = self._connect()
+            self._whs.append(wh)
+            t = threading.Thread(target=self._write_queued, args=(wh,), name=f"p2v-nbd-writer-{i}", daemon=True)
+            self._writers.append(t)
+            t.start()
+
     def _submit(self, start: int, end: int, data: bytes | None) -> None:
         """Queue a write of ``data`` at ``start`` (or zeroing of ``[start, end)`` when None)."""
         self._need_writable()
-        if self._writer is None:
-            self._wh = self._connect()
-            self._writer = threading.Thread(target=self._write_queued, name="p2v-nbd-writer", daemon=True)
-            self._writer.start()
+        if not self._writers:
+            self._start_writers()
         with self._cv:
-            while self._pending and (len(self._pending) >= self.in_flight or self._pending_bytes >= MAX_PENDING_BYTES):
+            while self._pending and (
+                len(self._pending) >= self.in_flight
+                or self._pending_bytes >= MAX_PENDING_BYTES
+                or any(s < end and start < e for s, e in self._pending.values())
+            ):
                 self._cv.wait()
             self._need_writable()
             self._ticket += 1
@@ -510,14 +525,16 @@ class NbdDisk:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
+        for _ in self._writers:
             self._queue.put(None)
-            self._writer.join()
-        for h in (self._wh, self._h):
+        for t in self._writers:
+            t.join()
+        for h in (*self._whs, self._h):
             if h is not None:
                 with contextlib.suppress(nbd.Error):
                     h.shutdown()
-        self._h = self._wh = None  # libnbd closes a handle when the object goes away
+        self._h = None  # libnbd closes a handle when the object goes away
+        self._whs = []
 
 
 def _collect_extents(got: list[tuple[int, int, bool]], meta: str, start: int, entries: list[int], err: int) -> int:

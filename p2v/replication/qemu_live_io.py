@@ -432,6 +432,7 @@ def dirty_pass(reader: ExportReader, target: LayerTarget, old: HashMap, new: Has
     writer = _Writer(target, stats)
     report = _Progress(progress, old.size)
     report(0, force=True)
+    scratch = memoryview(bytearray(WINDOW))  # one buffer for every window (no 64 KiB allocation per block)
     for ws, we in _windows(old.size):
         t = time.perf_counter()
         status = reader.status(ws, we)
@@ -445,8 +446,8 @@ def dirty_pass(reader: ExportReader, target: LayerTarget, old: HashMap, new: Has
         stats.dirty_bytes += sum(b - a for a, b in dirty)
         stats.zero_bytes += sum(b - a for a, b in intersect(dirty, zero))
         t = stats.tick("status", t)
-        _patch_window(reader, target, old, new, stats, writer, dirty, zero, rehash_share, t)
-        writer.flush()
+        _patch_window(reader, target, old, new, stats, writer, dirty, zero, rehash_share, t, scratch[: we - ws], ws)
+        writer.flush()  # before the next window reuses ``scratch``: queued data is copied by then
         report(we)
     report(old.size, force=True)
 
@@ -483,28 +484,29 @@ def _plan(old: HashMap, a: int, b: int, dirty: list[Range], rehash_share: float)
 
 def _patch_window(reader: ExportReader, target: LayerTarget, old: HashMap, new: HashMap, stats: PassStats,
                   writer: _Writer, dirty: list[Range], zero: list[Range], rehash_share: float,
-                  t: float) -> None:  # fmt: skip
-    runs = []  # (start, buffer, copy of what the target held or None, blocks)
+                  t: float, scratch: memoryview, ws: int) -> None:  # fmt: skip
+    """Read, hash and write the dirty extents of one window. Each touched run lives at its own
+    place in ``scratch`` (the window's buffer): only bytes that are read, read back or zeroed
+    are used, so the buffer is never cleared."""
+    runs = []  # (start, view, copy of what the target held or None, blocks)
     pieces: list[tuple[int, memoryview]] = []
     to_read = subtract(dirty, zero)
     dirty_zero = intersect(dirty, zero)
     for a, b in _touched_runs(dirty, old):
-        cur = bytearray(b - a)
-        view = memoryview(cur)
+        view = scratch[a - ws : b - ws]
         blocks = _plan(old, a, b, dirty, rehash_share)
         back = merge((k.offset, k.offset + k.length) for k in blocks if k.read_back)
         for x, y in back:
             view[x - a : y - a] = target.pread(y - x, x)
             stats.bytes_rehashed += y - x
-        runs.append((a, cur, bytes(cur) if back else None, blocks))
+        runs.append((a, view, bytes(view) if back else None, blocks))
         pieces += [(x, view[x - a : y - a]) for x, y in clip(to_read, a, b)]
         for x, y in clip(dirty_zero, a, b):
             view[x - a : y - a] = _ZEROS[: y - x]
     t = stats.tick("rehash_read", t)
     stats.bytes_read += reader.read_into(pieces)
     t = stats.tick("read", t)
-    for a, cur, prev, blocks in runs:
-        view = memoryview(cur)
+    for a, view, prev, blocks in runs:
         for k in blocks:
             d = view_digest(view[k.offset - a : k.offset - a + k.length]) if k.exact else UNKNOWN_DIGEST
             new[k.index] = d

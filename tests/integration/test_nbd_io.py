@@ -61,6 +61,29 @@ def test_layer_reads_fall_through_writes_and_zeroes_stick(tmp_path: Path) -> Non
     assert (top.stat().st_blocks * 512) < 1 * MiB
 
 
+def test_overlapping_writes_land_in_call_order_across_writer_connections(tmp_path: Path) -> None:
+    import random
+
+    rnd = random.Random(7)
+    expected = bytearray(1 * MiB)
+    layer = qcow2(tmp_path / "w.qcow2", 1 * MiB)
+    with open_layer(layer) as disk:
+        for i in range(3000):  # many writes to a few overlapping ranges, and zeroing among them
+            off = rnd.randrange(0, 64) * 2048
+            n = rnd.choice((512, 4096, 12288))
+            if i % 7 == 0:
+                disk.zero(n, off)
+                expected[off : off + n] = bytes(n)
+            else:
+                data = bytes([i % 251 + 1]) * n
+                disk.pwrite(data, off)
+                expected[off : off + n] = data
+        disk.flush()
+        assert len(disk._whs) > 1  # the writes did go through several connections
+    with open_image(layer, "qcow2") as disk:
+        assert disk.pread(1 * MiB, 0) == bytes(expected)
+
+
 def test_large_requests_are_split(tmp_path: Path) -> None:
     img = qcow2(tmp_path / "big.qcow2", 80 * MiB)
     data = os.urandom(MiB) * 70
