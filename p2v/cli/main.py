@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from p2v import __version__
-from p2v.cli import convert, doctor, inspect_cmd, plan, protect, trust, vm
+from p2v.cli import convert, doctor, inspect_cmd, plan, protect, recovery, run, trust, vm
 from p2v.cli._common import setup_logging
 
 app = typer.Typer(
@@ -40,7 +40,7 @@ def _root(
     setup_logging(verbose)
 
 
-for _module in (doctor, inspect_cmd, convert, trust, vm, protect, plan):
+for _module in (doctor, inspect_cmd, convert, trust, vm, protect, plan, recovery, run):
     _module.register(app)
 
 

@@ -32,8 +32,8 @@ from p2v.convert.linux.network import read_nic_config
 from p2v.convert.nics import plan_nics
 from p2v.disks import qemuimg
 from p2v.disks.guestfs import open_guestfs
-from p2v.errors import OutputError, UnsupportedGuest, UsageError
-from p2v.sources.model import SourceMachine
+from p2v.errors import ConversionError, OutputError, UnsupportedGuest, UsageError
+from p2v.sources.model import SourceDisk, SourceMachine, SourceNic
 from p2v.sources.resolve import SourceOptions, open_source
 from p2v.vm.spec import DiskSpec, GuestInfo, VmSpec
 
@@ -280,6 +280,8 @@ def _convert_in_appliance(
     opts: ConvertOptions,
     step: Callable[[str], None],
     timings: dict[str, float],
+    *,
+    guest_files: dict[str, str] | None = None,
 ) -> tuple[list[Step], list[str], GuestRoot, dict[str, Any]]:
     t = time.monotonic()
     step("starting the libguestfs appliance")
@@ -330,6 +332,9 @@ def _convert_in_appliance(
             extra = {"nics": nics, "firmware": src.firmware or "bios", "rtc": wres.rtc_mode}
         else:
             raise UnsupportedGuest(f"{src.description or name}: {groot.type} guests are not supported")
+        if guest_files:
+            step("writing files into the guest")
+            steps.append(_write_guest_files(g, guest_files, what=src.description or name))
         if fsck_step is not None:
             steps.insert(0, fsck_step)
             warnings.append("the source was copied while running (fuzzy): its filesystems were checked; "
@@ -339,6 +344,98 @@ def _convert_in_appliance(
         t = time.monotonic()
     timings["appliance_shutdown"] = time.monotonic() - t
     return steps, warnings, groot, extra
+
+
+def _write_guest_files(g: Any, files: dict[str, str], *, what: str) -> Step:
+    """Write ``files`` (guest path -> text) into the mounted guest, creating parent folders."""
+    t = time.monotonic()
+    for path, content in files.items():
+        parent = path.rsplit("/", 1)[0] or "/"
+        try:
+            g.mkdir_p(parent)
+            g.write(path, content.encode())
+            g.chmod(0o644, path)
+        except RuntimeError as exc:
+            raise ConversionError(f"{what}: cannot write {path} into the guest: {exc}") from exc
+    return Step("guest-files", True, ", ".join(files), time.monotonic() - t)
+
+
+def check_guest_files(files: dict[str, str]) -> dict[str, str]:
+    """Validate guest paths for :func:`convert_in_place`: absolute, normalised, no ``..``, not ``/``."""
+    for path in files:
+        parts = path.split("/")
+        if (not path.startswith("/") or path.endswith("/") or "\0" in path
+                or any(p in ("", ".", "..") for p in parts[1:])):  # fmt: skip
+            raise UsageError(f"guest file {path!r}: give an absolute, normalised file path (no '..', '.', '//')")
+    return files
+
+
+def convert_in_place(
+    overlays: list[Path],
+    name: str,
+    opts: ConvertOptions,
+    *,
+    nics: list[SourceNic],
+    nic_seed: str | None = None,
+    extra_files: dict[str, str] | None = None,
+    description: str = "",
+    firmware: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ConversionReport:
+    """Convert the guest on ``overlays`` (qcow2 files, written in place: their backing files are
+    only read) and write the VM spec ``opts.out_dir/NAME.vm.json`` whose virtio disks are the
+    overlays (names relative to the spec when they sit beside it).
+
+    ``extra_files`` (guest path -> text) are written into the guest in the same appliance
+    session, after the conversion. ``nics`` are the VM's NICs (MAC, source network, guest
+    name); with none, they come from the guest's network config: the MACs it binds names to
+    are kept, the others are derived from ``nic_seed`` (default ``name``) and the interface
+    name. ``opts.net_map`` maps them to DR networks. Nothing but the overlays and the spec is
+    written; on failure the spec is not written and the overlays hold partial edits (the
+    caller throws them away). Raises what :func:`convert` raises for the guest."""
+    step = on_step or (lambda s: None)
+    check_guest_files(extra_files or {})
+    if not overlays:
+        raise UsageError(f"{name}: no disks to convert")
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    out = opts.out_dir.absolute()
+    sizes = [int(qemuimg.info(str(ov), "qcow2", what=str(ov)).get("virtual-size", 0)) for ov in overlays]
+    src = SourceMachine(
+        kind="point", name=name, nics=list(nics), firmware=firmware, description=description or name,
+        disks=[SourceDisk(qemu_filename=str(ov), format="qcow2", display=str(ov), capacity=s)
+               for ov, s in zip(overlays, sizes, strict=True)],
+    )  # fmt: skip
+    # _convert_in_appliance seeds generated MACs with its name argument (and names the guest in
+    # messages by src.description): pass the seed so a machine keeps its MACs whatever the VM name
+    steps, warnings, groot, extra = _convert_in_appliance(src, nic_seed or name, overlays, opts, step, timings,
+                                                          guest_files=extra_files)  # fmt: skip
+    spec = VmSpec(
+        name=name, cpus=opts.cpus or 2, memory_mib=opts.memory_mib or 2048, firmware=extra["firmware"],
+        machine="q35", rtc=extra.get("rtc", "utc"),
+        disks=[DiskSpec(path=ov.name if ov.parent.absolute() == out else str(ov.absolute()), format="qcow2",
+                        bus="virtio", source=description or None, virtual_size=s)
+               for ov, s in zip(overlays, sizes, strict=True)],
+        nics=extra["nics"],
+        guest=GuestInfo(type=groot.type, distro=groot.distro, version=groot.version, product=groot.product,
+                        arch=groot.arch),
+        source=description, notes=warnings,
+    )  # fmt: skip
+    spec_file = out / f"{name}.vm.json"
+    spec.save(spec_file)
+    timings["total"] = time.monotonic() - t_start
+    allocated = sum(ov.stat().st_blocks * 512 for ov in overlays)
+    return ConversionReport(
+        name=name, source=description, source_kind="point",
+        guest={
+            "type": groot.type, "distro": groot.distro, "version": groot.version, "product": groot.product,
+            "arch": groot.arch, "hostname": groot.hostname, "root": groot.root, "firmware": extra["firmware"],
+        },
+        steps=steps, warnings=warnings,
+        files={"disks": [str(ov.absolute()) for ov in overlays], "spec": str(spec_file)},
+        timings=timings, bytes={"virtual": sum(sizes), "allocated": allocated},
+        spec=spec.model_dump(mode="json"),
+    )  # fmt: skip
 
 
 def _windows_detail(res: Any) -> str:

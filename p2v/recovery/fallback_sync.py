@@ -135,6 +135,47 @@ def reference_map(site: Site, machine: str, seq_p: int, disk_index: int, journal
     return pmap
 
 
+@dataclass
+class TargetState:
+    """What a target holds compared with the point DR started from (no DR data read)."""
+
+    state: str  # "blank" | "equal" | "diverged"
+    divergence_blocks: int
+    divergence_bytes: int
+    journaled: bool  # an earlier fallback pass wrote to it (compared with its journal, not P)
+
+
+def classify_target(site: Site, machine: str, seq_p: int, disk_index: int, target_url: str, *,
+                    ssh_options: SshOptions | None = None) -> TargetState:  # fmt: skip
+    """Scan the target against point ``seq_p``'s map (or the journal of an earlier pass) while the
+    DR VM still runs: a fallback can refuse a split-brain before it stops anything."""
+    jpath = journal_path(site, machine, seq_p, disk_index, target_url)
+    ref = reference_map(site, machine, seq_p, disk_index, jpath)
+    with open_target(target_url, ssh_options) as target:
+        if 0 <= target.size < ref.size:
+            raise UsageError(f"fallback target {target_url} has {target.size} bytes, smaller than the "
+                             f"protected disk ({ref.size} bytes)")  # fmt: skip
+        mism = target.scan(ref).mismatches
+    if not mism:
+        state = "equal"
+    elif all(d == ZERO_DIGEST for d in mism.values()):
+        state = "blank"
+    else:
+        state = "diverged"
+    return TargetState(state, len(mism), _blocks_bytes(mism, ref), jpath.exists())
+
+
+def split_brain_error(machine: str, disk_index: int, target_url: str, seq_p: int, ts: TargetState,
+                      block_size: int) -> SplitBrain:  # fmt: skip
+    return SplitBrain(
+        f"machine {machine} disk {disk_index}: production target {target_url} was changed after failover: "
+        f"{ts.divergence_bytes} bytes in {ts.divergence_blocks} blocks of {block_size} bytes differ from "
+        f"recovery point {seq_p}",
+        hint="check which side holds the data you need; to overwrite production with the DR disk, "
+        "run again with --discard-production-changes",
+    )
+
+
 def fallback_disk(
     site: Site,
     machine: str,

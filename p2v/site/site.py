@@ -442,8 +442,13 @@ class Site:
     # -- retention ---------------------------------------------------------------------------
 
     def plan_retention(self, name: str, now: float | None = None) -> list[int]:
-        """Seqs that :meth:`apply_retention` would remove now (read-only)."""
+        """Seqs that :meth:`apply_retention` would remove now (read-only): none while a point of
+        ``name`` is pinned (see :mod:`p2v.site.pins`)."""
+        from p2v.site import pins
+
         row = self._row(name)
+        if pins.active_pins(self, name, prune=False):
+            return []
         policy = ProtectionPolicy.from_dict(json.loads(row["policy"]))
         pts = [(int(p["seq"]), float(p["created_at"])) for p in self.catalog.point_rows(row["id"])]
         return select_expired(pts, retain_count=policy.retain_count, retain_seconds=policy.retain_seconds,
@@ -454,22 +459,42 @@ class Site:
 
         Takes the machine lock itself (Busy if another process holds it; reuses it when this
         Site already holds it). First completes a merge an earlier run left half done. Every
-        remaining point stays readable at every instant; a crash is finished by the next call."""
+        remaining point stays readable at every instant; a crash is finished by the next call.
+
+        While any point of ``name`` is pinned (a drill or failover VM boots from it) nothing is
+        merged, not even a half-done merge: the result (a :class:`p2v.site.pins.RetentionOutcome`)
+        lists ``deferred: point N pinned by HOLDER`` and nothing is raised."""
+        from p2v.site import pins
+
         t0 = time.monotonic()
+        deferred: list[str] = []
         with self._locked(name, "retention") as held:
             row = self._row(name)
             merge = self._merge(row, held)
-            resumed = merge.finish() is not None
-            bytes_before = int(self._row(name)["total_bytes"])
+            bytes_before = int(row["total_bytes"])
+            resumed = False
             expired: list[int] = []
-            while victims := self.plan_retention(name, now):
-                merge.start(victims[0])
-                merge.finish()
-                expired.append(victims[0])
+            blockers = pins.active_pins(self, name)
+            if blockers:
+                deferred = pins.deferral(blockers)
+            else:
+                resumed = merge.finish() is not None
+                bytes_before = int(self._row(name)["total_bytes"])
+                while victims := self.plan_retention(name, now):
+                    merge.start(victims[0])
+                    blockers = pins.active_pins(self, name)  # pinned while we marked the victim?
+                    if blockers and pins.undo_expiry(self, name, victims[0]):
+                        deferred = pins.deferral(blockers)
+                        break
+                    merge.finish()
+                    expired.append(victims[0])
             after = self._row(name)
             kept = [int(p["seq"]) for p in self.catalog.point_rows(after["id"])]
-        return RetentionResult(machine=name, expired=expired, kept=kept, resumed=resumed, bytes_before=bytes_before,
-                               bytes_after=int(after["total_bytes"]), wall_s=time.monotonic() - t0)  # fmt: skip
+        for line in deferred:
+            log.info("machine %s: retention %s", name, line)
+        return pins.RetentionOutcome(machine=name, expired=expired, kept=kept, resumed=resumed,
+                                     bytes_before=bytes_before, bytes_after=int(after["total_bytes"]),
+                                     wall_s=time.monotonic() - t0, deferred=deferred)  # fmt: skip
 
     def _merge(self, row: sqlite3.Row, held: MachineLock) -> ChainMerge:
         name = row["name"]

@@ -49,7 +49,10 @@ class RunOverrides:
     forward, and :mod:`p2v.vm.runtime` picks a free port before calling it.
     ``snapshot`` boots every disk on a qcow2 overlay in the run directory (the
     spec's disks are never written); ``cache`` sets the host cache mode of every
-    disk (``unsafe`` for throw-away test runs only).
+    disk (``unsafe`` for throw-away test runs only). ``nic_args`` replaces the
+    spec's NICs with these ``-netdev``/``-device`` arguments (a drill's isolated
+    networks, see :mod:`p2v.vm.drillnet`); ``nic_model`` and ``ssh_port`` then
+    do not apply.
     """
 
     disk_bus: DiskBus | None = None
@@ -61,6 +64,7 @@ class RunOverrides:
     cpus: int | None = None
     cache: CacheMode | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    nic_args: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,8 @@ def _disk_args(
 
 
 def _nic_args(spec: VmSpec, overrides: RunOverrides) -> list[str]:
+    if overrides.nic_args is not None:
+        return list(overrides.nic_args)
     args: list[str] = []
     for j, nic in enumerate(spec.nics):
         model = overrides.nic_model or nic.model
