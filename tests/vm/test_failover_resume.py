@@ -47,7 +47,7 @@ def p2v(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def qemu_pids(name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"-name {name} "], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "--", f"-name {name} "], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
