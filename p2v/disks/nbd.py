@@ -262,6 +262,7 @@ class NbdDisk:
         self._closed = False
         self._cv = threading.Condition()
         self._pending: dict[int, tuple[int, int]] = {}  # ticket -> (start, end), guarded by _cv
+        self._busy: dict[int, int] = {}  # granule -> pending writes touching it (overlap test in O(size))
         self._pending_bytes = 0
         self._ticket = 0
         self._failed: OutputError | None = None
@@ -445,6 +446,11 @@ class NbdDisk:
                     self._failed = err if isinstance(err, OutputError) else OutputError(err.message)
             with self._cv:
                 del self._pending[ticket]
+                for g in _granules(start, end):
+                    if self._busy[g] == 1:
+                        del self._busy[g]
+                    else:
+                        self._busy[g] -= 1
                 self._pending_bytes -= end - start if data is not None else 0
                 self._cv.notify_all()
 
@@ -465,18 +471,29 @@ class NbdDisk:
             while self._pending and (
                 len(self._pending) >= self.in_flight
                 or self._pending_bytes >= MAX_PENDING_BYTES
-                or any(s < end and start < e for s, e in self._pending.values())
+                or self._overlaps(start, end)
             ):
                 self._cv.wait()
             self._need_writable()
             self._ticket += 1
             self._pending[self._ticket] = (start, end)
+            for g in _granules(start, end):
+                self._busy[g] = self._busy.get(g, 0) + 1
             self._pending_bytes += end - start if data is not None else 0
         self._queue.put((self._ticket, start, end, data))
 
+    def _overlaps(self, start: int, end: int) -> bool:
+        """Whether a pending write may touch ``[start, end)`` (per granule: may say yes for
+        neighbours in one granule, never no for an overlap). Call with ``_cv`` held."""
+        if not self._busy:
+            return False
+        if (end - start) >> _GRANULE_SHIFT > len(self._busy):
+            return any(s < end and start < e for s, e in self._pending.values())
+        return any(g in self._busy for g in _granules(start, end))
+
     def _wait_overlapping(self, start: int, end: int) -> None:
         with self._cv:
-            while any(s < end and start < e for s, e in self._pending.values()):
+            while self._overlaps(start, end):
                 self._cv.wait()
         if self._failed is not None:
             raise self._failed
@@ -535,6 +552,13 @@ class NbdDisk:
                     h.shutdown()
         self._h = None  # libnbd closes a handle when the object goes away
         self._whs = []
+
+
+_GRANULE_SHIFT = 18  # 256 KiB
+
+
+def _granules(start: int, end: int) -> range:
+    return range(start >> _GRANULE_SHIFT, ((max(end, start + 1) - 1) >> _GRANULE_SHIFT) + 1)
 
 
 def _collect_extents(got: list[tuple[int, int, bool]], meta: str, start: int, entries: list[int], err: int) -> int:
