@@ -199,13 +199,33 @@ def build_steps(site: Site, run_id: int, plan_dict: dict[str, Any], options: dic
                              machine=m))  # fmt: skip
         last = f"reprotect:{m}"
         if boot_prod:
-            deps = tuple(f"check-prod:{k.partition(':')[2]}" for k in n.after if k.startswith("machine:"))
+            deps = tuple(f"check-prod:{d}" for d in _machines_before(n, nodes))
             steps.append(StepDef(f"boot-prod:{m}", "boot", partial(_boot_prod, rc, frc, n), (last, *deps), machine=m))
             steps.append(StepDef(f"check-prod:{m}", "check", partial(_check_prod, rc, n), (f"boot-prod:{m}",),
                                  machine=m, on_failure=n.on_failure))  # fmt: skip
         done = (last, f"boot-prod:{m}") if boot_prod else (last,)  # production's spec comes from the DR VM's
         steps.append(StepDef(f"discard-dr:{m}", "teardown", partial(_discard_dr, frc, m), done, machine=m))
     return steps
+
+
+def _machines_before(node: PlanNode, nodes: list[PlanNode]) -> list[str]:
+    """The machines ``node`` waits for in the plan, also through hooks and approval gates (production
+    is booted in the plan's order; the hooks and gates themselves belong to the failover)."""
+    by_key = {n.key: n for n in nodes}
+    seen: set[str] = set()
+    out: list[str] = []
+    todo = list(node.after)
+    while todo:
+        key = todo.pop(0)
+        if key in seen:
+            continue
+        seen.add(key)
+        dep = by_key[key]
+        if dep.kind == "machine" and dep.machine:
+            out.append(dep.machine)
+        else:
+            todo.extend(dep.after)
+    return out
 
 
 def _check_prod(rc: rs.RunContext, node: PlanNode, ctx: StepContext) -> dict[str, Any]:
