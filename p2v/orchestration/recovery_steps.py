@@ -166,9 +166,7 @@ def boot(rc: RunContext, node: PlanNode, ctx: StepContext) -> dict[str, Any]:
 
 def _args_with_ports(net: DrillNetwork, machine: str, mac0: str, mac1: str, ports: dict[int, int]) -> list[str]:
     """The same NIC arguments as the first attempt, reusing its host ports."""
-    args, _ = net.nic_args(machine, mac0, mac1, [p for p in ports if p != 22])
-    forwards = "".join(f",hostfwd=tcp:{net.host}:{hp}-:{gp}" for gp, hp in sorted(ports.items()))
-    args[1] = f"user,id=net0,restrict=on{forwards}"
+    args, _ = net.nic_args(machine, mac0, mac1, [p for p in ports if p != 22], host_ports=ports)
     return args
 
 

@@ -8,7 +8,11 @@ Each drill VM gets two NICs:
   packet the guest sends to the slirp host (10.0.2.2), the DR host's own
   addresses and the outside world. Only the ``hostfwd`` ports work, and only in
   the host -> guest direction, bound to 127.0.0.1: that is how p2v's health
-  checks (and SSH on guest port 22) reach the VM.
+  checks (and SSH on guest port 22) reach the VM. Measured from a booted drill
+  VM: TCP and UDP to 10.0.2.2, to the DR host's address and to the outside fail,
+  slirp's DNS (10.0.2.3) does not answer, ICMP echo to the DR host or outside
+  gets no reply; only slirp's *emulated* gateway 10.0.2.2 answers ping (inside
+  QEMU; no packet reaches the host).
 - **NIC1, the plan's segment**: one L2 segment shared by all VMs of a run and
   nobody else, made with QEMU's ``-netdev socket,mcast=GROUP:PORT,localaddr=127.0.0.1``.
   Every VM joins the same multicast group on the loopback interface; frames a VM
@@ -38,7 +42,7 @@ import hashlib
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from p2v.errors import InvalidInput, UsageError
@@ -113,14 +117,22 @@ class DrillNetwork:
         self.close()
 
     def nic_args(
-        self, machine: str, mac0: str, mac1: str, forward_ports: Iterable[int], *, model: str = "virtio"
+        self,
+        machine: str,
+        mac0: str,
+        mac1: str,
+        forward_ports: Iterable[int],
+        *,
+        model: str = "virtio",
+        host_ports: Mapping[int, int] | None = None,
     ) -> tuple[list[str], dict[int, int]]:
         """QEMU ``-netdev``/``-device`` args for ``machine`` and its guest -> host port map.
 
         NIC0 (``mac0``, management, user-mode ``restrict=on``) forwards each of
         ``forward_ports`` plus 22 from a free port on ``host``; NIC1 (``mac1``)
-        joins the run's segment. Each call picks fresh host ports (call again if
-        QEMU reports a forwarding port taken). Raises :class:`UsageError` for a
+        joins the run's segment. Host ports come from ``host_ports`` (guest ->
+        host, e.g. the ports a resumed run recorded) where given, else fresh free
+        ones (call again if QEMU reports a forwarding port taken). Raises :class:`UsageError` for a
         bad MAC, port or NIC model.
         """
         device = _DEVICES.get(model)
@@ -138,7 +150,12 @@ class DrillNetwork:
         for p in guest_ports:
             if not 1 <= p <= 65535:
                 raise UsageError(f"drill network: {machine}: guest port {p} out of range 1-65535")
-        port_map = {gp: free_tcp_port(self.host) for gp in guest_ports}
+        given = dict(host_ports or {})
+        guest_ports = sorted({*guest_ports, *given})
+        for p in given.values():
+            if not 1 <= p <= 65535:
+                raise UsageError(f"drill network: {machine}: host port {p} out of range 1-65535")
+        port_map = {gp: given.get(gp) or free_tcp_port(self.host) for gp in guest_ports}
         forwards = "".join(f",hostfwd=tcp:{self.host}:{hp}-:{gp}" for gp, hp in port_map.items())
         args = [
             "-netdev", f"user,id=net0,restrict=on{forwards}",

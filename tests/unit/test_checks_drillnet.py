@@ -63,6 +63,13 @@ def test_nic_args_isolate_management_and_join_the_segment() -> None:
     assert seg not in DrillNetwork("run-8").nic_args("db1", MAC0, segment_mac("run-8", "db1"), [])[0]
 
 
+def test_nic_args_reuse_recorded_host_ports() -> None:
+    net = DrillNetwork("run-7")
+    args, ports = net.nic_args("db1", MAC0, segment_mac("run-7", "db1"), [5432], host_ports={22: 40022})
+    assert ports[22] == 40022 and sorted(ports) == [22, 5432]
+    assert "hostfwd=tcp:127.0.0.1:40022-:22" in args[1]
+
+
 def test_nic_args_reject_bad_input() -> None:
     net = DrillNetwork("r")
     with pytest.raises(UsageError, match="not a MAC"):
