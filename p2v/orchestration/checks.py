@@ -72,6 +72,9 @@ from p2v.vm.console import ConsoleLog
 from p2v.vm.drillnet import forward_states
 
 log = logging.getLogger(__name__)
+# A guest that is still booting makes paramiko's transport thread log a traceback per attempt
+# ("Error reading SSH protocol banner"); the check reports the outcome itself.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 AnyCheck = TcpCheck | SshCheck | HttpCheck | AgentCheck | ConsoleCheck | ScriptCheck
 
