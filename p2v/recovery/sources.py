@@ -34,6 +34,7 @@ from p2v.errors import RemoteError, VmError
 from p2v.protection.sources import SshOptions, source_kind
 from p2v.replication.qemu_live import parse_qemu_url
 from p2v.sources.ssh import parse_ssh_url
+from p2v.vm.process import pid_running
 from p2v.vm.qmp import QmpConnection
 
 log = logging.getLogger(__name__)
@@ -190,27 +191,9 @@ def _qmp_command(sock: Path, command: str, timeout: float = 5.0) -> str | None:
         conn.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)  # our own child (tests): reap it
-        if done == pid:
-            return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _gone(sock: Path, pid: int) -> bool:
     if pid > 0:
-        return not _pid_alive(pid)
+        return not pid_running(pid)
     return _qmp_peer(sock, 2.0) is None
 
 
@@ -245,7 +228,7 @@ def _stop_qemu(url: str, timeout: float) -> tuple[str, str]:
             os.kill(pid, sig)
         wait_until = time.monotonic() + QUIT_WAIT_S
         while time.monotonic() < wait_until:
-            if not _pid_alive(pid):
+            if not pid_running(pid):
                 return "kill", f"QEMU (pid {pid}) ignored powerdown and quit: sent {sig.name}"
             time.sleep(0.2)
     raise VmError(f"QEMU pid {pid} on {sock} survived SIGKILL")

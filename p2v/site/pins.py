@@ -20,13 +20,13 @@ that mark if a pin arrived in between.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from p2v.errors import Busy, SiteError, UsageError
 from p2v.site.model import RetentionResult
+from p2v.vm.process import pid_alive
 
 if TYPE_CHECKING:
     from p2v.site.site import Site
@@ -55,20 +55,6 @@ class RetentionOutcome(RetentionResult):
     """:class:`RetentionResult` plus why merges were put off (``"deferred: point 3 pinned by run:7:db"``)."""
 
     deferred: list[str] = field(default_factory=list)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has ended: it holds nothing
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _machine_id(site: Site, machine: str) -> int:
@@ -153,7 +139,7 @@ def active_pins(site: Site, machine: str, *, prune: bool = True) -> list[Pin]:
     stale: list[tuple[int, str, int]] = []
     for r in rows:
         pid = r["pid"]
-        if pid is not None and not _alive(int(pid)):
+        if pid is not None and not pid_alive(int(pid)):
             stale.append((int(r["point_id"]), str(r["holder"]), int(pid)))
             continue
         live.append(Pin(machine=machine, seq=int(r["seq"]), holder=str(r["holder"]), pinned_at=float(r["pinned_at"]),

@@ -45,12 +45,8 @@ class StopResult:
         return asdict(self)
 
 
-def pid_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (reaping it first if it is our child)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie has ended: it holds nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,8 +57,16 @@ def pid_running(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X")
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def pid_running(pid: int) -> bool:
+    """:func:`pid_alive`, reaping ``pid`` first if it is our own child that has exited."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return pid_alive(pid)
 
 
 def pid_cmdline(pid: int) -> list[str]:
