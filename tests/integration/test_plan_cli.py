@@ -74,7 +74,7 @@ def test_validate_a_good_plan_against_a_site(site: Path) -> None:
         s.add_machine("web", [DiskSpec(url="/dev/null", size=1 << 20)], ProtectionPolicy())
     res = _run("validate", str(DEMO), "--site", str(site))
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == ("plan demo is valid: 2 machines, 2 steps in 2 levels, 2 CPUs and 1.0G at DR "
+    assert res.stdout.strip() == ("plan demo is valid: 2 machines, 2 steps in 2 levels, 2 CPUs and 1.5G at DR "
                                   "(site capacity 8 CPUs, 16.0G); 2 warning(s)")  # fmt: skip
     assert "warning: machine db: the protected machine db has no recovery point yet" in res.stderr
     out = json.loads(_run("validate", str(DEMO), "--site", str(site), "--json").stdout)
