@@ -29,6 +29,12 @@ def _procs_mentioning(text: str) -> list[str]:
     return out
 
 
+def _default_sigint() -> None:
+    """Undo an inherited SIG_IGN: a shell starts background jobs (``make test &``) with SIGINT
+    ignored, Python then keeps it ignored, and the Ctrl-C below would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_conversion_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -36,7 +42,7 @@ def test_ctrl_c_mid_conversion_cleans_up(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2v", "convert", str(images.ensure("debian-physical-bios")), "--out", str(out),
          "--name", "intr"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(out.glob(".p2v-staging-intr-*/edit-0.qcow2")):
