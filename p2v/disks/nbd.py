@@ -52,7 +52,8 @@ STOP_TIMEOUT_S = 15.0
 MAX_REQUEST = 32 << 20  # qemu-nbd's largest read/write request
 MAX_ZERO_REQUEST = 1 << 30  # NBD counts are 32-bit; stay well below
 DEFAULT_IN_FLIGHT = 32  # queued writes (measured: more does not help on 2 cores)
-WRITER_CONNECTIONS = 8  # writes in flight at once, one synchronous connection each (measured below)
+WRITER_CONNECTIONS = 8  # large writes in flight at once, one synchronous connection each (see NbdDisk)
+SMALL_WRITE = 256 << 10  # writes up to this size go out asynchronously on one connection
 MAX_PENDING_BYTES = 8 << 20  # and at most this much data held for them
 SCAN_CHUNK = 4 << 20
 DIR_PREFIX = "p2v-nbd-"
@@ -248,10 +249,20 @@ class NbdDisk:
     waits only for queued writes that overlap what it reads, so reads always see earlier
     writes. Call the methods from one thread at a time.
 
-    Several synchronous connections rather than libnbd's ``aio_pwrite``: in libnbd 1.14 its
-    Python binding keeps a reference to every buffer it is given, so memory grows with the
-    bytes written. Measured here, 20,000 random 4 KiB writes into a 4 KiB-subcluster qcow2
-    overlay take 1.59 s on one connection, 0.96 s on 4 and 0.74 s on 8.
+    Two ways a write goes out, never both at once (switching waits for the pending ones):
+
+    - **large** writes (over :data:`SMALL_WRITE`) go to up to :data:`WRITER_CONNECTIONS`
+      writer threads with a synchronous connection each, so a long transfer progresses
+      while the caller blocks elsewhere (SSH, a pipe). Measured here, 20,000 random 4 KiB
+      writes into a 4 KiB-subcluster qcow2 overlay take 1.59 s on one connection, 0.96 s
+      on 4 and 0.74 s on 8 *when the caller only writes*;
+    - **small** writes go out with libnbd's ``aio_pwrite`` on one more connection (zeroing
+      goes whichever way the pending writes went), retired by whichever call of this object next waits. A caller that
+      computes between writes (the dirty-bitmap pass hashing blocks) then never hands the
+      GIL to a writer thread per write: 20,000 4 KiB dirty extents of a live QEMU drive,
+      read, hashed and written, took 2.0-2.3 s this way against 3.2-3.4 s through the
+      threads. (libnbd 1.14 keeps a reference to each buffer until the command is retired;
+      the completion callback retires it, so memory stays flat: 63k writes, RSS unchanged.)
     """
 
     def __init__(self, export: NbdExport, *, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
@@ -269,6 +280,8 @@ class NbdDisk:
         self._queue: queue.SimpleQueue[tuple[int, int, int, bytes | None] | None] = queue.SimpleQueue()
         self._writers: list[threading.Thread] = []
         self._whs: list[Any] = []  # the writer threads' connections
+        self._ah: Any = None  # the connection of small writes (aio), opened on the first one
+        self._mode = "aio"  # which kind the pending writes are: "aio" or "threads"
         self._h: Any = self._connect()
         self.size: int = self._h.get_size()
         self._has_extents = bool(self._h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
@@ -435,6 +448,7 @@ class NbdDisk:
         """A writer thread: synchronous writes on its own connection (GIL released)."""
         while (item := self._queue.get()) is not None:
             ticket, start, end, data = item
+            failure = None
             if self._failed is None:
                 try:
                     if data is None:
@@ -442,17 +456,8 @@ class NbdDisk:
                     else:
                         wh.pwrite(data, start)
                 except nbd.Error as exc:
-                    err = self._io_error("write", start, exc)
-                    self._failed = err if isinstance(err, OutputError) else OutputError(err.message)
-            with self._cv:
-                del self._pending[ticket]
-                for g in _granules(start, end):
-                    if self._busy[g] == 1:
-                        del self._busy[g]
-                    else:
-                        self._busy[g] -= 1
-                self._pending_bytes -= end - start if data is not None else 0
-                self._cv.notify_all()
+                    failure = self._io_error("write", start, exc)
+            self._retire(ticket, start, end, data is not None, failure)
 
     def _start_writers(self) -> None:
         for i in range(min(self.in_flight, WRITER_CONNECTIONS)):
@@ -465,22 +470,90 @@ class NbdDisk:
     def _submit(self, start: int, end: int, data: bytes | None) -> None:
         """Queue a write of ``data`` at ``start`` (or zeroing of ``[start, end)`` when None)."""
         self._need_writable()
-        if not self._writers:
+        # zeroing carries no data: it goes the current way rather than forcing a switch
+        mode = self._mode if data is None else "aio" if end - start <= SMALL_WRITE else "threads"
+        if mode != self._mode:
+            self.drain()
+            self._mode = mode
+        if mode == "threads" and not self._writers:
             self._start_writers()
+        if mode == "aio" and self._ah is None:
+            self._ah = self._connect()
+        self._wait_while(lambda: bool(self._pending) and (
+            len(self._pending) >= self.in_flight
+            or self._pending_bytes >= MAX_PENDING_BYTES
+            or self._overlaps(start, end)))  # fmt: skip
         with self._cv:
-            while self._pending and (
-                len(self._pending) >= self.in_flight
-                or self._pending_bytes >= MAX_PENDING_BYTES
-                or self._overlaps(start, end)
-            ):
-                self._cv.wait()
             self._need_writable()
             self._ticket += 1
-            self._pending[self._ticket] = (start, end)
+            ticket = self._ticket
+            self._pending[ticket] = (start, end)
             for g in _granules(start, end):
                 self._busy[g] = self._busy.get(g, 0) + 1
             self._pending_bytes += end - start if data is not None else 0
-        self._queue.put((self._ticket, start, end, data))
+        if mode == "threads":
+            self._queue.put((ticket, start, end, data))
+            return
+        done = functools.partial(self._aio_done, ticket, start, end, data is not None)
+        try:  # never under _cv: libnbd runs ``done`` with its handle locked, and ``done`` takes _cv
+            if data is None:
+                self._ah.aio_zero(end - start, start, completion=done)
+            else:
+                self._ah.aio_pwrite(data, start, completion=done)
+        except nbd.Error as exc:
+            self._retire(ticket, start, end, data is not None, self._io_error("write", start, exc))
+            self._need_writable()
+
+    def _aio_done(self, ticket: int, start: int, end: int, has_data: bool, err: object) -> int:
+        """libnbd completion of a small write: record a failure, retire the ticket."""
+        code = err if isinstance(err, int) else getattr(err, "value", 0)
+        failure = None
+        if code:
+            reason = os.strerror(code)
+            if code in (errno.ENOSPC, errno.EDQUOT):
+                failure = OutputError(f"{self.what}: no space left on device (write at offset {start})")
+            else:
+                failure = OutputError(f"{self.what}: write at offset {start} failed: {reason}")
+        self._retire(ticket, start, end, has_data, failure)
+        return 1  # retire the command: libnbd drops its reference to the buffer
+
+    def _retire(self, ticket: int, start: int, end: int, has_data: bool, failure: P2VError | None) -> None:
+        with self._cv:
+            if failure is not None and self._failed is None:
+                self._failed = failure if isinstance(failure, OutputError) else OutputError(failure.message)
+            del self._pending[ticket]
+            for g in _granules(start, end):
+                if self._busy[g] == 1:
+                    del self._busy[g]
+                else:
+                    self._busy[g] -= 1
+            self._pending_bytes -= end - start if has_data else 0
+            self._cv.notify_all()
+
+    def _wait_while(self, busy: Callable[[], bool]) -> None:
+        """Block until ``busy()`` (evaluated under _cv) is false: on the condition while thread
+        writes are pending, by retiring completed small writes while aio ones are."""
+        while True:
+            with self._cv:
+                if not busy():
+                    return
+                if self._mode == "threads":
+                    self._cv.wait()
+                    continue
+            try:
+                if self._ah.aio_in_flight() > 0:
+                    self._ah.poll(100)
+                else:  # another thread is running the callbacks
+                    time.sleep(0.001)
+            except nbd.Error as exc:
+                err = self._io_error("write", 0, exc)
+                with self._cv:
+                    if self._failed is None:
+                        self._failed = err if isinstance(err, OutputError) else OutputError(err.message)
+                    self._pending.clear()
+                    self._busy.clear()
+                    self._pending_bytes = 0
+                raise self._failed from exc
 
     def _overlaps(self, start: int, end: int) -> bool:
         """Whether a pending write may touch ``[start, end)`` (per granule: may say yes for
@@ -492,9 +565,7 @@ class NbdDisk:
         return any(g in self._busy for g in _granules(start, end))
 
     def _wait_overlapping(self, start: int, end: int) -> None:
-        with self._cv:
-            while self._overlaps(start, end):
-                self._cv.wait()
+        self._wait_while(lambda: self._overlaps(start, end))
         if self._failed is not None:
             raise self._failed
 
@@ -521,9 +592,7 @@ class NbdDisk:
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first write error."""
-        with self._cv:
-            while self._pending:
-                self._cv.wait()
+        self._wait_while(lambda: bool(self._pending))
         if self._failed is not None:
             raise self._failed
 
@@ -542,16 +611,20 @@ class NbdDisk:
         if self._closed:
             return
         self._closed = True
+        if self._ah is not None:
+            with contextlib.suppress(P2VError):
+                self.drain()
         for _ in self._writers:
             self._queue.put(None)
         for t in self._writers:
             t.join()
-        for h in (*self._whs, self._h):
+        for h in (*self._whs, self._ah, self._h):
             if h is not None:
                 with contextlib.suppress(nbd.Error):
                     h.shutdown()
         self._h = None  # libnbd closes a handle when the object goes away
         self._whs = []
+        self._ah = None
 
 
 _GRANULE_SHIFT = 18  # 256 KiB

@@ -27,6 +27,13 @@ at 1 GiB. What remains is I/O: QEMU answering ~5k 4 KiB reads/s and the layer ta
 writes/s. So sparse random writes leave unknown digests, while dense writes (files, logs: most
 blocks fully dirty) keep the map exact at almost no cost. A 16 KiB bitmap reads 4x more for
 the same workload (42 MB instead of 10.7 MB at 1 GiB) for no gain: 4 KiB is the default.
+
+In bitmap mode the dirty extents are read by a thread one window ahead of the hashing and
+writing (:class:`_DirtyWindows`), and the 4 KiB writes go out asynchronously on one
+connection (see :class:`p2v.disks.nbd.NbdDisk`). Measured at 2 GiB with 4% dirty (20,113
+extents) on the idle host: 3.2-3.4 s when writes went through writer threads (the pass then
+waited on their locks most of the time), 2.2-2.4 s with asynchronous writes, 2.0-2.4 s with
+asynchronous writes and the read-ahead thread.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ import bisect
 import contextlib
 import functools
 import hashlib
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import nbd
@@ -64,6 +73,7 @@ MAX_STATUS = 1 << 30  # one block-status request at most
 REHASH_RUN = 1 << 20  # consecutive touched blocks read back from the target in one pread
 DEFAULT_IN_FLIGHT = 32  # QEMU serves 16 requests at once per client; 32 keeps its queue full
 DEFAULT_REHASH_SHARE = 0.5
+READ_AHEAD = 1  # windows the dirty-extent reader runs ahead of hashing and writing
 _PROGRESS_EVERY_S = 0.25
 
 Range = tuple[int, int]  # half-open [start, end) disk offsets
@@ -427,29 +437,109 @@ def full_pass(reader: ExportReader, target: LayerTarget, old: HashMap, new: Hash
 def dirty_pass(reader: ExportReader, target: LayerTarget, old: HashMap, new: HashMap, stats: PassStats,
                progress: ProgressCallback | None = None, *,
                rehash_share: float = DEFAULT_REHASH_SHARE) -> None:  # fmt: skip
-    """Read only the dirty extents; see the module docstring for ``rehash_share``."""
+    """Read only the dirty extents; see the module docstring for ``rehash_share``.
+
+    A reader thread asks QEMU for the next window's dirty extents while this thread hashes
+    and writes the previous one (two window buffers): QEMU serving reads and qemu-nbd taking
+    writes then work at the same time instead of in turns.
+    """
     assert reader.dirty_context is not None
     writer = _Writer(target, stats)
     report = _Progress(progress, old.size)
     report(0, force=True)
-    scratch = memoryview(bytearray(WINDOW))  # one buffer for every window (no 64 KiB allocation per block)
-    for ws, we in _windows(old.size):
-        t = time.perf_counter()
-        status = reader.status(ws, we)
-        dirty = flagged(status[reader.dirty_context], STATE_DIRTY)
-        if not dirty:
-            stats.tick("status", t)
+    with _DirtyWindows(reader, old.size, stats) as windows:
+        for ws, we, dirty, view in windows:
+            if dirty:
+                _patch_window(target, old, new, stats, writer, dirty, rehash_share, view, ws)
+                writer.flush()  # before ``view`` goes back to the reader: queued data is copied by then
             report(we)
-            continue
-        zero = flagged(status[BASE_ALLOCATION], STATE_ZERO)
-        stats.dirty_extents += len(dirty)
-        stats.dirty_bytes += sum(b - a for a, b in dirty)
-        stats.zero_bytes += sum(b - a for a, b in intersect(dirty, zero))
-        t = stats.tick("status", t)
-        _patch_window(reader, target, old, new, stats, writer, dirty, zero, rehash_share, t, scratch[: we - ws], ws)
-        writer.flush()  # before the next window reuses ``scratch``: queued data is copied by then
-        report(we)
     report(old.size, force=True)
+
+
+_Window = tuple[int, int, list[Range], memoryview]  # start, end, dirty ranges, buffer of the window
+
+
+class _DirtyWindows:
+    """Block status and export reads of the dirty extents, window by window, on a thread that
+    runs up to :data:`READ_AHEAD` windows ahead of the caller. Each window comes as
+    ``(start, end, dirty, view)``: ``view`` holds the dirty bytes at their offset from ``start``
+    (dirty ranges QEMU reports as zero are zero-filled, not read); the rest of it is stale.
+    The view is the caller's until it asks for the next window."""
+
+    def __init__(self, reader: ExportReader, size: int, stats: PassStats) -> None:
+        self.reader = reader
+        self.size = size
+        self.stats = stats
+        self._free: queue.Queue[memoryview] = queue.Queue()
+        for _ in range(READ_AHEAD + 1):
+            self._free.put(memoryview(bytearray(WINDOW)))
+        self._out: queue.Queue[_Window | BaseException | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="p2v-dirty-reads", daemon=True)
+
+    def __enter__(self) -> _DirtyWindows:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[_Window]:
+        held: memoryview | None = None
+        while True:
+            if held is not None:
+                self._free.put(held)
+                held = None
+            t = time.perf_counter()
+            item = self._out.get()
+            self.stats.tick("wait_read", t)
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if item[2]:
+                held = item[3]
+            yield item
+
+    def _buffer(self) -> memoryview | None:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return self._free.get(timeout=0.2)
+        return None
+
+    def _run(self) -> None:
+        stats = self.stats
+        empty = memoryview(b"")
+        try:
+            for ws, we in _windows(self.size):
+                if self._stop.is_set():
+                    return
+                t = time.perf_counter()
+                status = self.reader.status(ws, we)
+                dirty = flagged(status[self.reader.dirty_context or ""], STATE_DIRTY)
+                t = stats.tick("status", t)
+                if not dirty:
+                    self._out.put((ws, we, [], empty))
+                    continue
+                zero = flagged(status[BASE_ALLOCATION], STATE_ZERO)
+                stats.dirty_extents += len(dirty)
+                stats.dirty_bytes += sum(b - a for a, b in dirty)
+                dirty_zero = intersect(dirty, zero)
+                stats.zero_bytes += sum(b - a for a, b in dirty_zero)
+                buf = self._buffer()
+                if buf is None:
+                    return
+                view = buf[: we - ws]
+                to_read = split(subtract(dirty, zero), MAX_READ)
+                stats.bytes_read += self.reader.read_into([(a, view[a - ws : b - ws]) for a, b in to_read])
+                for a, b in dirty_zero:
+                    view[a - ws : b - ws] = _ZEROS[: b - a]
+                stats.tick("read", t)
+                self._out.put((ws, we, dirty, view))
+            self._out.put(None)
+        except BaseException as exc:  # handed to the caller
+            self._out.put(exc)
 
 
 def _touched_runs(dirty: list[Range], old: HashMap) -> list[Range]:
@@ -482,31 +572,27 @@ def _plan(old: HashMap, a: int, b: int, dirty: list[Range], rehash_share: float)
     return out
 
 
-def _patch_window(reader: ExportReader, target: LayerTarget, old: HashMap, new: HashMap, stats: PassStats,
-                  writer: _Writer, dirty: list[Range], zero: list[Range], rehash_share: float,
-                  t: float, scratch: memoryview, ws: int) -> None:  # fmt: skip
-    """Read, hash and write the dirty extents of one window. Each touched run lives at its own
-    place in ``scratch`` (the window's buffer): only bytes that are read, read back or zeroed
-    are used, so the buffer is never cleared."""
-    runs = []  # (start, view, copy of what the target held or None, blocks)
-    pieces: list[tuple[int, memoryview]] = []
-    to_read = subtract(dirty, zero)
-    dirty_zero = intersect(dirty, zero)
+def _patch_window(target: LayerTarget, old: HashMap, new: HashMap, stats: PassStats, writer: _Writer,
+                  dirty: list[Range], rehash_share: float, scratch: memoryview, ws: int) -> None:  # fmt: skip
+    """Hash and write the dirty extents of one window, whose dirty bytes are in ``scratch`` at
+    their offset from ``ws``. A block to be hashed whole has its clean part read back from the
+    target (the previous point) into ``scratch`` first; the rest of ``scratch`` is never used."""
+    t = time.perf_counter()
     for a, b in _touched_runs(dirty, old):
         view = scratch[a - ws : b - ws]
         blocks = _plan(old, a, b, dirty, rehash_share)
         back = merge((k.offset, k.offset + k.length) for k in blocks if k.read_back)
-        for x, y in back:
-            view[x - a : y - a] = target.pread(y - x, x)
-            stats.bytes_rehashed += y - x
-        runs.append((a, view, bytes(view) if back else None, blocks))
-        pieces += [(x, view[x - a : y - a]) for x, y in clip(to_read, a, b)]
-        for x, y in clip(dirty_zero, a, b):
-            view[x - a : y - a] = _ZEROS[: y - x]
-    t = stats.tick("rehash_read", t)
-    stats.bytes_read += reader.read_into(pieces)
-    t = stats.tick("read", t)
-    for a, view, prev, blocks in runs:
+        prev: bytearray | None = None
+        if back:
+            t = stats.tick("hash_write", t)
+            prev = bytearray(b - a)
+            for x, y in back:
+                held = target.pread(y - x, x)
+                stats.bytes_rehashed += y - x
+                prev[x - a : y - a] = held
+                for p, q in subtract([(x, y)], clip(dirty, x, y)):
+                    view[p - a : q - a] = held[p - x : q - x]
+            t = stats.tick("rehash_read", t)
         for k in blocks:
             d = view_digest(view[k.offset - a : k.offset - a + k.length]) if k.exact else UNKNOWN_DIGEST
             new[k.index] = d

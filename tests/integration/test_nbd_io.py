@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2v.disks.nbd import NbdExport, open_image, open_layer
+from p2v.disks.nbd import SMALL_WRITE, NbdExport, open_image, open_layer
 from p2v.errors import InvalidInput, OutputError
 
 MiB = 1 << 20
@@ -61,27 +61,40 @@ def test_layer_reads_fall_through_writes_and_zeroes_stick(tmp_path: Path) -> Non
     assert (top.stat().st_blocks * 512) < 1 * MiB
 
 
-def test_overlapping_writes_land_in_call_order_across_writer_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sizes", "writes"),
+    [
+        ((512, 4096, 12288), 3000),  # small: aio on one connection
+        ((SMALL_WRITE + 512, SMALL_WRITE + 8192), 150),  # large: the writer threads' connections
+        ((4096, SMALL_WRITE + 4096), 600),  # both, switching back and forth
+    ],
+    ids=["small-aio", "large-threads", "mixed"],
+)
+def test_overlapping_writes_land_in_call_order(tmp_path: Path, sizes: tuple[int, ...], writes: int) -> None:
     import random
 
     rnd = random.Random(7)
-    expected = bytearray(1 * MiB)
-    layer = qcow2(tmp_path / "w.qcow2", 1 * MiB)
+    size = 2 * MiB
+    expected = bytearray(size)
+    layer = qcow2(tmp_path / "w.qcow2", size)
     with open_layer(layer) as disk:
-        for i in range(3000):  # many writes to a few overlapping ranges, and zeroing among them
-            off = rnd.randrange(0, 64) * 2048
-            n = rnd.choice((512, 4096, 12288))
-            if i % 7 == 0:
+        for i in range(writes):  # many writes to a few overlapping ranges, and zeroing among them
+            n = rnd.choice(sizes)
+            off = rnd.randrange(0, (size - n) // 2048) * 2048
+            if i % 7 == 3:  # zeroing goes the way of the pending writes
                 disk.zero(n, off)
                 expected[off : off + n] = bytes(n)
             else:
                 data = bytes([i % 251 + 1]) * n
                 disk.pwrite(data, off)
                 expected[off : off + n] = data
+            if i % 97 == 0:  # reads see every earlier write, whichever way it went
+                assert disk.pread(n, off) == bytes(expected[off : off + n])
         disk.flush()
-        assert len(disk._whs) > 1  # the writes did go through several connections
+        assert (disk._ah is not None) == any(n <= SMALL_WRITE for n in sizes)
+        assert (len(disk._whs) > 1) == any(n > SMALL_WRITE for n in sizes)
     with open_image(layer, "qcow2") as disk:
-        assert disk.pread(1 * MiB, 0) == bytes(expected)
+        assert disk.pread(size, 0) == bytes(expected)
 
 
 def test_large_requests_are_split(tmp_path: Path) -> None:

@@ -181,12 +181,22 @@ class QemuNbdLayer:
         self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(self.socket), "--cache=writeback",
                                       str(image)], stderr=subprocess.PIPE)  # fmt: skip
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        self.h = nbd.NBD()
-        self.h.connect_unix(str(self.socket))
+        try:
+            while True:  # the socket file appears at bind(), before qemu-nbd listens: retry refusals
+                assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+                assert time.monotonic() < deadline
+                if self.socket.exists():
+                    self.h = nbd.NBD()
+                    try:
+                        self.h.connect_unix(str(self.socket))
+                        break
+                    except nbd.Error:
+                        pass
+                time.sleep(0.02)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.size = self.h.get_size()
         self.reads = 0
 
