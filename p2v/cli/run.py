@@ -53,13 +53,13 @@ def outcome(run: RunRecord) -> RunRecord:
 
 
 SHOWN_EVENTS = frozenset({"step-started", "step-succeeded", "step-failed", "step-continued", "step-skipped",
-                          "step-waiting-approval", "step-timeout", "abort-noticed"})
+                          "step-waiting-approval", "step-timeout", "step-invalidated", "abort-noticed"})
 
 
 def print_event(ev: Event) -> None:
     """A one-line progress message on stderr for the events people want to see."""
     if ev.event in SHOWN_EVENTS or ev.event.startswith("run-"):
-        extra = ev.detail.get("error") or ev.detail.get("question") or ""
+        extra = ev.detail.get("error") or ev.detail.get("question") or ev.detail.get("reason") or ""
         if ev.event == "step-waiting-approval":
             extra = f"{extra}  (approve: p2v run approve {ev.run_id} --step {ev.step})"
         err_console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(ev.at))}[/] "

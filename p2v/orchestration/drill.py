@@ -58,7 +58,7 @@ def machine_steps(rc: rs.RunContext, nodes: list[PlanNode], *, teardown: bool,
                                  group=n.group, timeout=n.timeout and max(n.timeout, 1800)))  # fmt: skip
             previous_prepare = f"prepare:{m}"
             steps.append(StepDef(f"boot:{m}", "boot", partial(rs.boot, rc, n), (f"prepare:{m}", *after), machine=m,
-                                 group=n.group))  # fmt: skip
+                                 group=n.group, still_valid=rs.vm_gone))  # fmt: skip
             steps.append(StepDef(f"check:{m}", "check", partial(rs.check, rc, n), (f"boot:{m}",), machine=m,
                                  group=n.group, on_failure=n.on_failure))  # fmt: skip
         elif n.kind == "shell":

@@ -11,7 +11,9 @@ Rules, in the order they matter:
 * Every transition is committed before the action starts and right after it returns, so a
   ``kill -9`` leaves a journal :func:`resume` can continue: steps ``succeeded``/``continued``/
   ``skipped`` are not run again; a step left ``running`` runs again with ``ctx.resumed = True``
-  (its action must look at the world, and at ``ctx.previous``, before acting again).
+  (its action must look at the world, and at ``ctx.previous``, before acting again). A
+  ``succeeded`` step whose ``still_valid`` gives a reason (its VM died meanwhile) runs again too,
+  with its succeeded same-machine dependents (event ``step-invalidated``).
 * ``on_failure``: ``abort`` — no new step starts, running ones finish, the ``always`` steps run,
   the run ends ``failed``, steps not started become ``skipped``; ``continue`` — the step is
   ``continued`` and its dependents run; ``approval`` — the step waits (``waiting-approval``) until
@@ -83,6 +85,10 @@ class StepDef:
     always: bool = False
     approval: str | None = None
     timeout: float | None = None
+    # On resume, asked about this step when it had succeeded: why its outcome no longer holds
+    # (e.g. the VM it started has died since), or None. A reason makes it run again, together
+    # with the succeeded steps of the same machine that come right after it (its checks).
+    still_valid: Callable[[dict[str, Any]], str | None] | None = None
 
 
 def no_action(ctx: StepContext) -> dict[str, Any]:
@@ -262,6 +268,8 @@ class _Execution:
                               or (self.defs[s.key].always and s.state in TERMINAL_STEP_STATES)):  # fmt: skip
                     self.journal.set_step(db, self.run_id, s.key, state="pending", error=None, started_at=None,
                                           finished_at=None)  # fmt: skip
+            if resumed:
+                events += self._revalidate(db)
             steps = {s.key: s for s in self.journal.get_run(self.run_id).steps}
             for key in self.defs:
                 st = steps[key].state
@@ -282,6 +290,25 @@ class _Execution:
             events.append(self.journal.add_event(db, self.run_id, None, name, {
                 "pid": me["pid"], "retry_failed": retry, "steps_left_running": sorted(self.resumed)}))  # fmt: skip
         self.emit(events)
+
+    def _revalidate(self, db: Any) -> list[Event]:
+        """Succeeded steps whose outcome is gone (``StepDef.still_valid``) become pending again."""
+        events: list[Event] = []
+        steps = {s.key: s for s in self.journal.get_run(self.run_id).steps}
+        for key, d in self.defs.items():
+            if d.still_valid is None or steps[key].state != "succeeded":
+                continue
+            why = d.still_valid(steps[key].detail)
+            if not why:
+                continue
+            again = [key] + [k for k, o in self.defs.items() if key in o.after and o.machine == d.machine
+                             and steps[k].state == "succeeded"]  # fmt: skip
+            for k in again:
+                self.journal.set_step(db, self.run_id, k, state="pending", error=None, started_at=None,
+                                      finished_at=None)  # fmt: skip
+                events.append(self.journal.add_event(db, self.run_id, k, "step-invalidated", {
+                    "reason": why if k == key else f"{key} runs again: {why}"}))  # fmt: skip
+        return events
 
     def _sync_steps(self, db: Any, rec: RunRecord) -> None:
         have = set(rec.step_keys)

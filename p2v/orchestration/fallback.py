@@ -200,7 +200,8 @@ def build_steps(site: Site, run_id: int, plan_dict: dict[str, Any], options: dic
         last = f"reprotect:{m}"
         if boot_prod:
             deps = tuple(f"check-prod:{d}" for d in _machines_before(n, nodes))
-            steps.append(StepDef(f"boot-prod:{m}", "boot", partial(_boot_prod, rc, frc, n), (last, *deps), machine=m))
+            steps.append(StepDef(f"boot-prod:{m}", "boot", partial(_boot_prod, rc, frc, n), (last, *deps), machine=m,
+                                 still_valid=rs.vm_gone))  # fmt: skip
             steps.append(StepDef(f"check-prod:{m}", "check", partial(_check_prod, rc, n), (f"boot-prod:{m}",),
                                  machine=m, on_failure=n.on_failure))  # fmt: skip
         done = (last, f"boot-prod:{m}") if boot_prod else (last,)  # production's spec comes from the DR VM's

@@ -31,6 +31,7 @@ from p2v.recovery.drvm import (
 )
 from p2v.site import pins
 from p2v.site.site import Site
+from p2v.vm import detached as vm_detached
 from p2v.vm.cmdline import RunOverrides
 from p2v.vm.drillnet import DrillNetwork, guest_nic_name, segment_config_files, segment_mac, usernet_reader
 from p2v.vm.qmp import QmpConnection
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 HOOK_TIMEOUT_S = 600.0
 OUTPUT_TAIL = 2000
+GONE_POLL_S = 2.0  # how often checks that wait look whether the VM still runs
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,43 @@ def boot(rc: RunContext, node: PlanNode, ctx: StepContext) -> dict[str, Any]:
     return detail
 
 
+def vm_gone(detail: dict[str, Any]) -> str | None:
+    """Why the VM a boot step started (its ``detail``) no longer runs; None while it does.
+
+    Used on resume (``StepDef.still_valid``: a dead VM is booted again) and while checks wait
+    (a VM that died fails its checks at once instead of after their timeout)."""
+    name = detail.get("vm")
+    if not name:
+        return None
+    try:
+        vm_detached.get_vm(str(name))
+        return None
+    except VmError:
+        pass
+    last = ""
+    try:
+        lines = Path(detail["console_log"]).read_text(errors="replace").strip().splitlines()
+        last = f"; the last console line: {lines[-1].strip()[:200]!r}" if lines else "; its console log is empty"
+    except (KeyError, OSError):
+        pass
+    return f"VM {name} (QEMU pid {detail.get('pid')}) is no longer running{last}"
+
+
+class _VmWatch:
+    """``cancelled`` for the checks: true once the step is cancelled or the VM has died."""
+
+    def __init__(self, ctx: StepContext, boot_detail: dict[str, Any]) -> None:
+        self._ctx, self._boot = ctx, boot_detail
+        self._next = 0.0
+        self.gone: str | None = None
+
+    def __call__(self) -> bool:
+        if self.gone is None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + GONE_POLL_S
+            self.gone = vm_gone(self._boot)
+        return self.gone is not None or self._ctx.cancelled()
+
+
 def _args_with_ports(net: DrillNetwork, machine: str, mac0: str, mac1: str, ports: dict[int, int]) -> list[str]:
     """The same NIC arguments as the first attempt, reusing its host ports."""
     args, _ = net.nic_args(machine, mac0, mac1, [p for p in ports if p != 22], host_ports=ports)
@@ -197,13 +236,17 @@ def check(rc: RunContext, node: PlanNode, ctx: StepContext) -> dict[str, Any]:
         ssh_identity=Path(identity) if identity else None, usernet=usernet,
     )  # fmt: skip
     t0 = time.monotonic()
+    watch = _VmWatch(ctx, b)
     try:
-        results = run_checks(node.checks, target, cancelled=ctx.cancelled)
+        results = run_checks(node.checks, target, cancelled=watch)
     finally:
         if conn is not None:
             conn.close()
     detail = {"results": [r.to_dict() for r in results], "seconds": round(time.monotonic() - t0, 2),
               "passed_at": time.time()}  # fmt: skip
+    if watch.gone:
+        raise StepFailure(f"machine {node.machine}: {watch.gone}", detail=detail,
+                          hint=f"`p2v run resume {rc.run_id}` boots it again and repeats its checks")  # fmt: skip
     failed = [r for r in results if not r.ok]
     if failed:
         raise StepFailure(f"machine {node.machine}: check {failed[0].check} failed: {failed[0].message}",

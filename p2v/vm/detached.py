@@ -145,6 +145,17 @@ def _running_pid(run_dir: Path) -> int | None:
     return None
 
 
+def _keep_console_log(run_dir: Path, name: str) -> Path | None:
+    """Copy the console log of ``run_dir`` to the saved logs; None when there is none."""
+    log_file = run_files(run_dir).console_log
+    if not log_file.exists():
+        return None
+    kept = saved_console_log(name)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(log_file, kept)
+    return kept
+
+
 def _remove_run_dir(run_dir: Path) -> None:
     remove_run_files(run_files(run_dir), overlays=True)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -178,7 +189,8 @@ def start_vm(
                 hint=f"stop it with `p2v vm stop {name}` or start another copy with --name",
             )
         if run_dir.exists():
-            log.info("removing the run directory of dead VM %s", name)
+            kept = _keep_console_log(run_dir, name)
+            log.info("removing the run directory of dead VM %s%s", name, f" (console log kept: {kept})" if kept else "")
             _remove_run_dir(run_dir)
         vm = VirtualMachine(
             spec,
@@ -245,11 +257,8 @@ def stop_vm(name: str, timeout: float = 60.0, force: bool = False) -> StopResult
         else:
             proc = QemuProcess(name, pid, run_files(run_dir).qmp_socket, logger=log.getChild(name))
             result = proc.stop(timeout=timeout, hard=force)
-        log_file = run_files(run_dir).console_log
-        if log_file.exists():
-            kept = saved_console_log(name)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log_file, kept)
+        kept = _keep_console_log(run_dir, name)
+        if kept is not None:
             result.console_log = str(kept)
         _remove_run_dir(run_dir)
     return result

@@ -297,6 +297,41 @@ def test_step_left_running_by_a_dead_orchestrator_is_resumed(site: Site) -> None
     assert run.step("boot:db").attempts == 2 and run.step("boot:db").detail == {"pid": 4242}
 
 
+def test_resume_runs_again_a_succeeded_step_whose_outcome_is_gone(site: Site) -> None:
+    """A VM that died after its boot step succeeded: resume boots it again and repeats that
+    machine's checks, but not another machine's steps nor the steps before it."""
+    calls = Calls()
+    alive = {"db": True, "web": True}
+
+    def gone(machine: str) -> Callable[[dict[str, Any]], str | None]:
+        return lambda detail: None if alive[machine] else f"VM {detail['vm']} is no longer running"
+
+    steps = [
+        StepDef("prepare:db", "prepare", calls.act()),
+        StepDef("boot:db", "boot", calls.act(vm="dr-db"), after=("prepare:db",), machine="db", still_valid=gone("db")),
+        StepDef("check:db", "check", calls.act(), after=("boot:db",), machine="db"),
+        StepDef("boot:web", "boot", calls.act(vm="dr-web"), after=("check:db",), machine="web",
+                still_valid=gone("web")),
+        StepDef("check:web", "check", calls.act(), after=("boot:web",), machine="web"),
+        StepDef("gate", "approval", calls.act(), after=("check:web",)),
+    ]  # fmt: skip
+    run_id = new_run(site)
+    run = execute(site, run_id, steps, wait_approvals=False, poll_s=POLL)
+    assert run.state == "waiting-approval"
+    alive["db"] = False
+    journal.approve(site, run_id, "gate")
+    seen: list[journal.Event] = []
+    run = resume(site, run_id, steps, poll_s=POLL, on_event=seen.append)
+    assert run.state == "succeeded"
+    assert calls.count == Counter({"prepare:db": 1, "boot:db": 2, "check:db": 2, "boot:web": 1, "check:web": 1,
+                                   "gate": 1})  # fmt: skip
+    invalidated = {e.step: e.detail["reason"] for e in seen if e.event == "step-invalidated"}
+    assert invalidated == {"boot:db": "VM dr-db is no longer running",
+                           "check:db": "boot:db runs again: VM dr-db is no longer running"}  # fmt: skip
+    assert calls.ctx["boot:db"].previous == {"vm": "dr-db"}  # the new attempt sees what the first one recorded
+    assert run.step("boot:db").attempts == 2
+
+
 def test_live_orchestrator_makes_execute_busy(site: Site) -> None:
     calls = Calls()
     steps = [StepDef("a", "boot", calls.act())]

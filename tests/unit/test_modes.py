@@ -86,3 +86,20 @@ def test_fallback_targets_are_checked() -> None:
         fallback.parse_targets(["dbx=/x.img", "web=/y"], PLAN)
     with pytest.raises(UsageError, match="MACHINE=TARGET"):
         fallback.parse_targets(["db"], PLAN)
+
+
+def test_boot_steps_are_revalidated_and_a_dead_vm_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2v.orchestration.recovery_steps import vm_gone
+
+    monkeypatch.setenv("P2V_STATE", str(tmp_path / "state"))
+    with Site.open(tmp_path / "site") as site:
+        steps = drill.build_steps(site, 1, PLAN.to_dict(), {"mode": "drill"})
+    boots = {s.key: s.still_valid for s in steps if s.kind == "boot"}
+    assert boots and all(v is vm_gone for v in boots.values())
+    assert all(s.still_valid is None for s in steps if s.kind != "boot")
+    log = tmp_path / "console.log"
+    log.write_text("SeaBIOS\n[    1.05] pci 0000:00:04.0: BAR 4\n")
+    why = vm_gone({"vm": "drill1-db", "pid": 4242, "console_log": str(log)})
+    assert why == ("VM drill1-db (QEMU pid 4242) is no longer running; "
+                   "the last console line: '[    1.05] pci 0000:00:04.0: BAR 4'")
+    assert vm_gone({}) is None  # a step detail without a VM (nothing to look at)
